@@ -1,0 +1,39 @@
+# The two commands of the README's quick start are `make demo` and `make test`.
+# VENV=/some/dir selects another virtual environment (.ci/run uses a fresh one).
+
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The test suite's PostgreSQL; each run creates its own uniquely named database.
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+
+.PHONY: demo test lint test-postgres test-sqlite clean
+
+$(BIN)/.installed: pyproject.toml
+	"$$(scripts/find-python)" -m venv "$(VENV)"
+	"$(BIN)/python" -m pip install --quiet --upgrade pip
+	"$(BIN)/python" -m pip install --quiet --editable '.[dev]'
+	touch "$@"
+
+## demo: set up the embedded SQLite database and serve the project locally.
+demo: $(BIN)/.installed
+	DJANGO_DEBUG=1 "$(BIN)/python" manage.py migrate --no-input
+	DJANGO_DEBUG=1 "$(BIN)/python" manage.py runserver
+
+## test: lint, type-check, check the project and run both test suites.
+test: lint test-postgres test-sqlite
+
+lint: $(BIN)/.installed
+	"$(BIN)/ruff" check .
+	"$(BIN)/ruff" format --check .
+	"$(BIN)/mypy" .
+	DJANGO_DEBUG=1 "$(BIN)/python" manage.py check --fail-level WARNING
+	DJANGO_DEBUG=1 "$(BIN)/python" manage.py makemigrations --check --dry-run
+
+test-postgres: $(BIN)/.installed
+	DATABASE_URL="$(TEST_DATABASE_URL)" "$(BIN)/pytest" --cov --cov-report=term
+
+test-sqlite: $(BIN)/.installed
+	DATABASE_URL="sqlite://:memory:" "$(BIN)/pytest" -m sqlite
+
+clean:
+	rm -rf "$(VENV)" db.sqlite3 .coverage .mypy_cache .ruff_cache

@@ -1,0 +1,18 @@
+import os
+import secrets
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings() -> None:
+    """Give every test run its own database so parallel runs never collide."""
+    suffix = f"{os.getpid()}_{secrets.token_hex(4)}"
+    for database in settings.DATABASES.values():
+        if database["ENGINE"] == "django.db.backends.sqlite3":
+            continue  # Django tests SQLite in memory, private to the process.
+        test: dict[str, Any] = dict(database.get("TEST") or {})  # type: ignore[call-overload]
+        test["NAME"] = f"test_{database['NAME']}_{suffix}"
+        database["TEST"] = test
