@@ -3,10 +3,13 @@
 
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Python 3.11 with Django 5.2 LTS, for the outbox app's compatibility run.
+COMPAT_VENV ?= .venv-django52
+COMPAT_BIN := $(COMPAT_VENV)/bin
 # The test suite's PostgreSQL; each run creates its own uniquely named database.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 
-.PHONY: demo test lint test-postgres test-sqlite clean
+.PHONY: demo test lint test-postgres test-sqlite test-compat clean
 
 $(BIN)/.installed: pyproject.toml
 	"$$(scripts/find-python)" -m venv "$(VENV)"
@@ -35,5 +38,16 @@ test-postgres: $(BIN)/.installed
 test-sqlite: $(BIN)/.installed
 	DATABASE_URL="sqlite://:memory:" "$(BIN)/pytest" -m sqlite
 
+## test-compat: the outbox app's tests on Python 3.11 and Django 5.2 LTS.
+test-compat: $(COMPAT_BIN)/.installed
+	DATABASE_URL="$(TEST_DATABASE_URL)" "$(COMPAT_BIN)/pytest" tests/outbox \
+		--ds=tests.settings_outbox
+
+$(COMPAT_BIN)/.installed: pyproject.toml
+	"$$(scripts/find-python 3.11)" -m venv "$(COMPAT_VENV)"
+	"$(COMPAT_BIN)/python" -m pip install --quiet --upgrade pip
+	"$(COMPAT_BIN)/python" -m pip install --quiet --group outbox-django52
+	touch "$@"
+
 clean:
-	rm -rf "$(VENV)" db.sqlite3 .coverage .mypy_cache .ruff_cache
+	rm -rf "$(VENV)" "$(COMPAT_VENV)" db.sqlite3 .coverage .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ Every value has an explicit default, except DJANGO_SECRET_KEY outside debug.
 A malformed value raises ImproperlyConfigured naming the variable.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    "outbox",
     "users",
     "organizations",
 ]
@@ -143,6 +145,23 @@ if env_bool("DJANGO_SECURE_PROXY_SSL_HEADER", default=False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_SECURE = not DEBUG
 CSRF_COOKIE_SECURE = not DEBUG
+
+# The outbox's settings pass through unparsed: its system checks validate
+# them, naming the variable, in manage.py check and when a worker starts.
+OUTBOX: dict[str, Any] = {
+    name: os.environ[f"OUTBOX_{name}"].strip()
+    for name in (
+        "POLL_MS",
+        "BATCH_SIZE",
+        "STUCK_TIMEOUT_MS",
+        "MAX_ATTEMPTS",
+        "BACKOFF_BASE_MS",
+        "BACKOFF_CAP_MS",
+        "WORKER_ID",
+    )
+    if os.environ.get(f"OUTBOX_{name}", "").strip()
+}
+OUTBOX["LISTEN"] = env_bool("OUTBOX_LISTEN", default=True)
 
 LOG_LEVEL = env_choice(
     "DJANGO_LOG_LEVEL",

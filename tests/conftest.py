@@ -5,6 +5,8 @@ from typing import Any
 import pytest
 from django.conf import settings
 
+pytest_plugins = ["outbox.testing"]
+
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings() -> None:
@@ -16,3 +18,23 @@ def django_db_modify_db_settings() -> None:
         test: dict[str, Any] = dict(database.get("TEST") or {})  # type: ignore[call-overload]
         test["NAME"] = f"test_{database['NAME']}_{suffix}"
         database["TEST"] = test
+
+
+@pytest.fixture
+def register_handler():
+    """Register handlers for one test and forget them afterwards."""
+    from outbox import registry
+
+    registered: list[str] = []
+
+    def register(event_type: str, function=None, *, max_attempts=None):
+        def decorate(function):
+            registry.handler(event_type, max_attempts=max_attempts)(function)
+            registered.append(event_type)
+            return function
+
+        return decorate(function) if function is not None else decorate
+
+    yield register
+    for event_type in registered:
+        registry.unregister(event_type)

@@ -1,0 +1,22 @@
+"""Settings for benchmarks/run.py: the outbox app alone, on PostgreSQL."""
+
+import os
+
+import dj_database_url
+
+DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"])}
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "outbox",
+    "benchmarks",
+]
+SECRET_KEY = "benchmark-only-not-a-secret"  # noqa: S105 - never deployed
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+OUTBOX: dict[str, object] = {}
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {"outbox": {"level": "WARNING"}},
+}

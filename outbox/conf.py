@@ -1,0 +1,95 @@
+"""The outbox's settings: settings.OUTBOX (a dict) merged over defaults.
+
+Read on use, never at import, so override_settings works and a broken value
+is reported by the system checks (checks.py) rather than by an import error.
+"""
+
+import os
+import socket
+from dataclasses import dataclass, fields
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+POSITIVE_INTEGERS = (
+    "POLL_MS",
+    "BATCH_SIZE",
+    "STUCK_TIMEOUT_MS",
+    "MAX_ATTEMPTS",
+    "BACKOFF_BASE_MS",
+    "BACKOFF_CAP_MS",
+)
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    poll_ms: int = 2000
+    batch_size: int = 32
+    stuck_timeout_ms: int = 60_000
+    max_attempts: int = 10
+    backoff_base_ms: int = 1000
+    backoff_cap_ms: int = 60_000
+    worker_id: str = ""
+    channel: str = "outbox"
+    listen: bool = True
+
+    @property
+    def default_worker_id(self) -> str:
+        """Return the configured worker id, or <host>-<pid>."""
+        return self.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def problems(raw: dict[str, Any]) -> list[str]:
+    """Return one message per invalid entry of a settings.OUTBOX dict."""
+    messages = []
+    known = {field.name.upper() for field in fields(OutboxSettings)}
+    for name in sorted(set(raw) - known):
+        messages.append(
+            f"settings.OUTBOX[{name!r}] is not a known setting: expected one of "
+            f"{', '.join(sorted(known))}."
+        )
+    for name in POSITIVE_INTEGERS:
+        if name in raw and _positive_int(raw[name]) is None:
+            messages.append(
+                f"settings.OUTBOX[{name!r}] (environment variable OUTBOX_{name}) "
+                f"must be a positive integer, got {raw[name]!r}."
+            )
+    for name in ("WORKER_ID", "CHANNEL"):
+        if name in raw and not isinstance(raw[name], str):
+            messages.append(f"settings.OUTBOX[{name!r}] must be a string.")
+    channel = raw.get("CHANNEL", "outbox")
+    if isinstance(channel, str) and not channel.isidentifier():
+        messages.append(
+            f"settings.OUTBOX['CHANNEL'] must be a plain identifier (letters, "
+            f"digits, underscores), got {channel!r}."
+        )
+    if "LISTEN" in raw and not isinstance(raw["LISTEN"], bool):
+        messages.append("settings.OUTBOX['LISTEN'] must be True or False.")
+    return messages
+
+
+def get_settings() -> OutboxSettings:
+    """Return the validated outbox settings, raising on an invalid value."""
+    raw: dict[str, Any] = dict(getattr(settings, "OUTBOX", None) or {})
+    found = problems(raw)
+    if found:
+        raise ImproperlyConfigured(" ".join(found))
+    values: dict[str, Any] = {
+        name.lower(): (_positive_int(value) if name in POSITIVE_INTEGERS else value)
+        for name, value in raw.items()
+    }
+    return OutboxSettings(**values)
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isdigit():
+            return None
+    if not isinstance(value, int | str):
+        return None
+    number = int(value)
+    return number if number > 0 else None

@@ -1,0 +1,219 @@
+import uuid
+from datetime import timedelta
+from typing import Any, ClassVar
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import models
+from django.db.models import Q
+from django.db.models.functions import Now
+from django.utils import timezone
+
+#: Entries kept in OutboxEvent.history; older ones are dropped first.
+HISTORY_LIMIT = 25
+#: Characters of an error message kept in last_error and the history.
+MESSAGE_LIMIT = 1000
+
+
+class Status(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PROCESSING = "processing", "Processing"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+
+
+UNFINISHED = (Status.PENDING, Status.PROCESSING)
+
+
+class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
+    def ready(self) -> "OutboxEventQuerySet":
+        """Return events a worker may claim now, oldest first.
+
+        An event that waits behind an earlier event of its key is not ready;
+        the filter matches the partial index outbox_ready_idx exactly.
+        """
+        return self.filter(
+            status=Status.PENDING, waiting=False, available_at__lte=Now()
+        ).order_by("available_at", "id")
+
+    def expired(self) -> "OutboxEventQuerySet":
+        """Return events whose worker's lease has run out (the worker died)."""
+        return self.filter(status=Status.PROCESSING, locked_until__lt=Now())
+
+    def unfinished_of_key(self, key: str) -> "OutboxEventQuerySet":
+        """Return the pending or processing events of key."""
+        return self.filter(key=key, status__in=UNFINISHED)
+
+
+class OutboxEvent(models.Model):
+    """A side effect to perform once the transaction that wrote it commits."""
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    event_type = models.CharField(max_length=200)
+    payload = models.JSONField(encoder=DjangoJSONEncoder)
+    key = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="Events with the same non-empty key are handled one at a time, "
+        "in publish order.",
+    )
+    idempotency_key = models.CharField(
+        max_length=200, null=True, blank=True, unique=True
+    )
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.PENDING
+    )
+    waiting = models.BooleanField(
+        default=False,
+        help_text="True while an earlier unfinished event of the same key exists.",
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    max_attempts = models.PositiveIntegerField()
+    # The database's clock, not the web server's: the claim compares against
+    # now() in the database, so publishers with skewed clocks cannot delay it.
+    available_at = models.DateTimeField(db_default=Now())
+    locked_by = models.CharField(max_length=200, blank=True, default="")
+    locked_until = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(db_default=Now())
+    completed_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    history = models.JSONField(
+        default=list,
+        blank=True,
+        encoder=DjangoJSONEncoder,
+        help_text="One entry per failed attempt: when, worker, error class and "
+        "message. Never the payload.",
+    )
+
+    objects = OutboxEventQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "outbox event"
+        ordering = ("-id",)
+        indexes: ClassVar = [
+            # The claim: pending, not waiting behind its key, oldest first.
+            models.Index(
+                fields=("available_at", "id"),
+                condition=Q(status=Status.PENDING, waiting=False),
+                name="outbox_ready_idx",
+            ),
+            # The rescue of events whose worker died.
+            models.Index(
+                fields=("locked_until",),
+                condition=Q(status=Status.PROCESSING),
+                name="outbox_lease_idx",
+            ),
+            # The head of each key: publish and promotion look it up.
+            models.Index(
+                fields=("key", "id"),
+                condition=Q(status__in=UNFINISHED) & ~Q(key=""),
+                name="outbox_key_unfinished_idx",
+            ),
+        ]
+        constraints: ClassVar = [
+            models.CheckConstraint(
+                condition=Q(status__in=Status.values), name="outbox_status_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(max_attempts__gte=1), name="outbox_max_attempts_positive"
+            ),
+            models.CheckConstraint(
+                condition=Q(waiting=False) | ~Q(key=""),
+                name="outbox_only_keyed_events_wait",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.uuid}"
+
+    def record_attempt_error(self, *, worker: str, error: BaseException) -> None:
+        """Append the failed attempt to the history and keep its message."""
+        message = _truncate(str(error))
+        self.last_error = (
+            f"{_error_class(error)}: {message}" if message else (_error_class(error))
+        )
+        self.history = [
+            *self.history,
+            {
+                "attempt": self.attempts,
+                "at": timezone.now().isoformat(),
+                "worker": worker,
+                "error": _error_class(error),
+                "message": message,
+            },
+        ][-HISTORY_LIMIT:]
+
+    def schedule_retry(self, *, delay: timedelta) -> None:
+        """Return the event to pending, available after delay."""
+        self.status = Status.PENDING
+        self.available_at = Now() + delay
+        self.locked_until = None
+        self.completed_at = None
+        self.save(
+            update_fields=[
+                "status",
+                "available_at",
+                "locked_until",
+                "completed_at",
+                "last_error",
+                "history",
+            ]
+        )
+
+    def fail(self) -> None:
+        """End the event as failed: terminal until an operator retries it."""
+        self.status = Status.FAILED
+        self.locked_until = None
+        self.completed_at = None
+        self.save(
+            update_fields=[
+                "status",
+                "locked_until",
+                "completed_at",
+                "last_error",
+                "history",
+            ]
+        )
+
+    def release(self) -> None:
+        """Give back a claimed event that was never started, uncharged."""
+        self.status = Status.PENDING
+        self.attempts -= 1
+        self.locked_by = ""
+        self.locked_until = None
+        self.completed_at = None
+        self.save(
+            update_fields=[
+                "status",
+                "attempts",
+                "locked_by",
+                "locked_until",
+                "completed_at",
+            ]
+        )
+
+    @property
+    def attempts_left(self) -> int:
+        return max(self.max_attempts - self.attempts, 0)
+
+    def describe(self) -> dict[str, Any]:
+        """Return the event's identity for structured logs: never the payload."""
+        return {
+            "event_id": self.pk,
+            "event_uuid": str(self.uuid),
+            "event_type": self.event_type,
+            "attempt": self.attempts,
+        }
+
+
+def _error_class(error: BaseException) -> str:
+    cls = type(error)
+    return (
+        cls.__qualname__
+        if cls.__module__ == "builtins"
+        else (f"{cls.__module__}.{cls.__qualname__}")
+    )
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"

@@ -1,0 +1,249 @@
+"""publish() and publish_many(): write events in the caller's transaction.
+
+Workers are woken once the transaction commits (PostgreSQL NOTIFY), and never
+for a transaction that rolls back.
+"""
+
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import IntegrityError, connections, router, transaction
+from django.db.models import Exists
+
+from outbox.conf import get_settings
+from outbox.models import UNFINISHED, OutboxEvent
+from outbox.registry import get_handler
+
+#: First half of the advisory lock that serialises publishers of one key
+#: ("ob" in ASCII), so the outbox's locks never collide with an application's.
+KEY_LOCK_CLASS = 0x6F62
+#: Rows per INSERT statement in publish_many().
+INSERT_CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to publish with publish_many(); the fields mirror publish()."""
+
+    event_type: str
+    payload: Any
+    key: str | None = None
+    idempotency_key: str | None = None
+    available_at: datetime | None = None
+    max_attempts: int | None = None
+
+    def build(self) -> OutboxEvent:
+        """Validate the event and return it as an unsaved row.
+
+        The payload is encoded here, before the database is touched: a
+        TypeError raised inside save() would also doom the caller's
+        transaction.
+        """
+        if not self.event_type:
+            raise ValueError("publish() needs a non-empty event type.")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("publish(max_attempts=...) must be at least 1.")
+        json.dumps(self.payload, cls=DjangoJSONEncoder)
+        event = OutboxEvent(
+            event_type=self.event_type,
+            payload=self.payload,
+            key=self.key or "",
+            idempotency_key=self.idempotency_key,
+            max_attempts=self.max_attempts or _default_max_attempts(self.event_type),
+        )
+        if self.available_at is not None:
+            event.available_at = self.available_at
+        return event
+
+
+def publish(
+    event_type: str,
+    payload: Any,
+    *,
+    key: str | None = None,
+    idempotency_key: str | None = None,
+    available_at: datetime | None = None,
+    max_attempts: int | None = None,
+) -> OutboxEvent:
+    """Write an event in the caller's transaction and return it.
+
+    The row commits or rolls back with the caller's transaction. A payload
+    that is not JSON-serialisable raises TypeError here. Publishing an
+    idempotency_key that exists returns the existing event and writes nothing.
+    Events with the same key are handled one at a time, in publish order.
+    """
+    event = NewEvent(
+        event_type, payload, key, idempotency_key, available_at, max_attempts
+    ).build()
+    using = router.db_for_write(OutboxEvent)
+    with _in_transaction(using):
+        if event.idempotency_key is not None:
+            existing = _existing_events([event.idempotency_key], using)
+            if existing:
+                return existing[event.idempotency_key]
+        if event.key:
+            _lock_keys([event.key], using)
+            # Publishers of the key hold its lock, so this sees every
+            # earlier event of the key that will ever exist.
+            event.waiting = Exists(OutboxEvent.objects.unfinished_of_key(event.key))
+        event = _insert_one(event, using)
+        _wake_workers_on_commit(using)
+    return event
+
+
+def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
+    """Write many events with one INSERT per thousand; return them in order.
+
+    The rules of publish() hold for each event: validation before any write,
+    idempotency keys (an existing one returns the existing event; a repeat in
+    the batch returns the first), and per-key publish order.
+    """
+    built = [new.build() for new in events]
+    using = router.db_for_write(OutboxEvent)
+    with _in_transaction(using):
+        existing = _existing_events(
+            [event.idempotency_key for event in built if event.idempotency_key], using
+        )
+        fresh: list[OutboxEvent] = []
+        for event in built:
+            if event.idempotency_key is None:
+                fresh.append(event)
+            elif event.idempotency_key not in existing:
+                existing[event.idempotency_key] = event
+                fresh.append(event)
+        _mark_waiting(fresh, using)
+        _insert_many(fresh, using)
+        if fresh:
+            _wake_workers_on_commit(using)
+    return [
+        existing[event.idempotency_key] if event.idempotency_key else event
+        for event in built
+    ]
+
+
+def _in_transaction(using: str) -> Any:
+    """Reuse the caller's transaction, or open one so key locks cover the insert."""
+    if connections[using].in_atomic_block:
+        return nullcontext()
+    return transaction.atomic(using=using)
+
+
+def _insert_one(event: OutboxEvent, using: str) -> OutboxEvent:
+    if event.idempotency_key is None:
+        event.save(force_insert=True, using=using)
+    else:
+        try:
+            # A savepoint, so losing a race with a concurrent publisher of
+            # the same idempotency key leaves the caller's transaction usable.
+            with transaction.atomic(using=using):
+                event.save(force_insert=True, using=using)
+        except IntegrityError:
+            existing = _existing_events([event.idempotency_key], using)
+            if not existing:
+                raise
+            return existing[event.idempotency_key]
+    if not isinstance(event.waiting, bool):
+        # Django before 6.0 does not return expression values from an INSERT.
+        event.refresh_from_db(fields=["waiting"])
+    return event
+
+
+def _insert_many(events: list[OutboxEvent], using: str) -> None:
+    guarded = any(event.idempotency_key for event in events)
+    for start in range(0, len(events), INSERT_CHUNK):
+        chunk = events[start : start + INSERT_CHUNK]
+        with transaction.atomic(using=using) if guarded else _no_savepoint():
+            try:
+                OutboxEvent.objects.using(using).bulk_create(chunk)
+                continue
+            except IntegrityError:
+                if not guarded:
+                    raise
+        # A concurrent publisher took one of the idempotency keys: publish
+        # this chunk one by one, each resolving its own conflict.
+        for index, event in enumerate(chunk):
+            events[start + index] = _insert_one(event, using)
+
+
+@contextmanager
+def _no_savepoint() -> Iterator[None]:
+    yield
+
+
+def _mark_waiting(events: list[OutboxEvent], using: str) -> None:
+    """Set waiting on each keyed event that follows an unfinished one."""
+    keys = sorted({event.key for event in events if event.key})
+    if not keys:
+        return
+    _lock_keys(keys, using)
+    busy = set(
+        OutboxEvent.objects.using(using)
+        .filter(key__in=keys, status__in=UNFINISHED)
+        .values_list("key", flat=True)
+        .distinct()
+    )
+    for event in events:
+        if event.key:
+            event.waiting = event.key in busy
+            busy.add(event.key)
+
+
+def _existing_events(idempotency_keys: list[str], using: str) -> dict[str, OutboxEvent]:
+    if not idempotency_keys:
+        return {}
+    found = OutboxEvent.objects.using(using).filter(
+        idempotency_key__in=idempotency_keys
+    )
+    return {event.idempotency_key: event for event in found if event.idempotency_key}
+
+
+def _default_max_attempts(event_type: str) -> int:
+    registered = get_handler(event_type)
+    if registered is not None and registered.max_attempts is not None:
+        return registered.max_attempts
+    return get_settings().max_attempts
+
+
+def _lock_keys(keys: list[str], using: str) -> None:
+    """Serialise publishers of these keys until the caller's transaction ends.
+
+    Ids come from a sequence in insert order, but transactions may commit in
+    the opposite order, and a worker could then handle the later event of a
+    key first. Holding the key's lock until commit makes id order commit
+    order. Locks are taken in one fixed order so publishers cannot deadlock.
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return  # SQLite's IMMEDIATE transactions already serialise writers.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s, lock) FROM ("
+            " SELECT DISTINCT hashtext(key) AS lock FROM unnest(%s::text[]) AS key"
+            ") AS locks ORDER BY lock",
+            [KEY_LOCK_CLASS, keys],
+        )
+
+
+def _wake_workers_on_commit(using: str) -> None:
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return  # Workers on SQLite poll.
+    # One wake-up per transaction, however many events it publishes.
+    if not any(isinstance(entry[1], _Notify) for entry in connection.run_on_commit):
+        transaction.on_commit(_Notify(using), using=using, robust=True)
+
+
+class _Notify:
+    """Tell listening workers that events were committed."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+
+    def __call__(self) -> None:
+        with connections[self.using].cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '')", [get_settings().channel])

@@ -1,0 +1,69 @@
+"""Which function handles which event type.
+
+Handlers live in <app>/handlers.py and register with @handler; the app's
+ready() imports every such module, so a worker knows all handlers at start.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import autodiscover_modules
+
+if TYPE_CHECKING:
+    from outbox.models import OutboxEvent
+
+HandlerFunction = Callable[["OutboxEvent"], object]
+F = TypeVar("F", bound=HandlerFunction)
+
+
+@dataclass(frozen=True)
+class Handler:
+    event_type: str
+    function: HandlerFunction
+    max_attempts: int | None
+
+    @property
+    def name(self) -> str:
+        """Return the function's dotted path, for messages and logs."""
+        return f"{self.function.__module__}.{self.function.__qualname__}"
+
+
+_handlers: dict[str, Handler] = {}
+
+
+def handler(event_type: str, *, max_attempts: int | None = None) -> Callable[[F], F]:
+    """Register the decorated function as the handler of event_type."""
+    if not event_type:
+        raise ValueError("@handler needs a non-empty event type.")
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError("@handler(max_attempts=...) must be at least 1.")
+
+    def register(function: F) -> F:
+        new = Handler(event_type, function, max_attempts)
+        existing = _handlers.get(event_type)
+        if existing is not None and existing.name != new.name:
+            raise ImproperlyConfigured(
+                f"Two handlers for event type {event_type!r}: {existing.name} and "
+                f"{new.name}. Each event type has exactly one handler."
+            )
+        _handlers[event_type] = new
+        return function
+
+    return register
+
+
+def get_handler(event_type: str) -> Handler | None:
+    """Return the handler registered for event_type, if any."""
+    return _handlers.get(event_type)
+
+
+def unregister(event_type: str) -> None:
+    """Forget the handler of event_type (for tests that register their own)."""
+    _handlers.pop(event_type, None)
+
+
+def autodiscover() -> None:
+    """Import the handlers module of every installed app."""
+    autodiscover_modules("handlers")

@@ -1,0 +1,353 @@
+"""The claimer: claim ready events, run their handlers, record the outcomes.
+
+One tick (Worker.run_once) is two short transactions:
+
+1. Claim: lock up to batch_size ready events with SELECT ... FOR UPDATE SKIP
+   LOCKED, mark them processing with the attempt counted and a lease, commit.
+2. Outcome: one fenced UPDATE marks the batch completed, but only the events
+   this worker still owns (same worker, same attempt); its row locks keep
+   every other worker off them. The handlers then run in this transaction,
+   each inside a savepoint opened just before its first query, so a handler's
+   writes commit together with its completed mark, and a handler that fails
+   loses only its own writes. Failures are rewritten before the commit.
+
+Events with a non-empty key run one at a time in publish order: only the
+earliest unfinished event of a key is claimable (waiting=False); finishing it
+promotes the next one in the same transaction.
+"""
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from typing import Any
+
+from django.db import connections, router, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import DateTimeField, ExpressionWrapper, F, Q, Subquery
+from django.db.models.functions import Now
+
+from outbox.conf import OutboxSettings, get_settings
+from outbox.errors import HandlerNotFound, LeaseExpired, PermanentFailure, Retry
+from outbox.models import OutboxEvent, Status
+from outbox.publishing import KEY_LOCK_CLASS
+from outbox.registry import get_handler
+
+logger = logging.getLogger(__name__)
+
+#: Expired leases rescued per transaction; the rest wait for the next round.
+RESCUE_BATCH = 500
+
+
+@dataclass
+class BatchResult:
+    """What one or more ticks did, for logs, tests and the drain helper."""
+
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+    released: int = 0
+    lost: int = 0
+
+    def __iadd__(self, other: "BatchResult") -> "BatchResult":
+        for field in fields(self):
+            setattr(
+                self, field.name, getattr(self, field.name) + getattr(other, field.name)
+            )
+        return self
+
+
+class Worker:
+    """Claims and handles outbox events; the command's loop calls run_once()."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str | None = None,
+        batch_size: int | None = None,
+        stuck_timeout_ms: int | None = None,
+        settings: OutboxSettings | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.worker_id = worker_id or self.settings.default_worker_id
+        self.batch_size = batch_size or self.settings.batch_size
+        self.lease = timedelta(
+            milliseconds=stuck_timeout_ms or self.settings.stuck_timeout_ms
+        )
+        self.using = router.db_for_write(OutboxEvent)
+        #: Set to stop between handlers; unstarted events are given back.
+        self.stop_requested = threading.Event()
+        self._rescue_every = min(self.lease.total_seconds() / 2, 5.0)
+        self._next_rescue = 0.0
+        self._keys_to_recheck: set[str] = set()
+
+    @property
+    def connection(self) -> BaseDatabaseWrapper:
+        return connections[self.using]
+
+    def run_once(self) -> BatchResult:
+        """Rescue expired leases when due, then claim and handle one batch."""
+        if time.monotonic() >= self._next_rescue:
+            self.rescue_expired()
+            self._next_rescue = time.monotonic() + self._rescue_every
+        if self._keys_to_recheck:
+            with transaction.atomic(using=self.using):
+                self._promote_next_of_keys(self._keys_to_recheck)
+        events = self.claim()
+        if not events:
+            return BatchResult()
+        return self.process(events)
+
+    def claim(self) -> list[OutboxEvent]:
+        """Lock up to batch_size ready events and lease them to this worker."""
+        with transaction.atomic(using=self.using):
+            events = list(
+                OutboxEvent.objects.using(self.using)
+                .ready()
+                .select_for_update(skip_locked=True)[: self.batch_size]
+            )
+            if not events:
+                return []
+            OutboxEvent.objects.using(self.using).filter(
+                pk__in=[event.pk for event in events]
+            ).update(
+                status=Status.PROCESSING,
+                attempts=F("attempts") + 1,
+                locked_by=self.worker_id,
+                locked_until=self._lease_end(),
+            )
+        for event in events:
+            event.status = Status.PROCESSING
+            event.attempts += 1
+            event.locked_by = self.worker_id
+        return events
+
+    def process(self, events: list[OutboxEvent]) -> BatchResult:
+        """Run the handlers of claimed events and record every outcome."""
+        started = time.monotonic()
+        result = BatchResult(claimed=len(events))
+        with transaction.atomic(using=self.using):
+            owned = self._mark_completed(events)
+            result.lost = len(events) - len(owned)
+            finished_keys: set[str] = set()
+            for index, event in enumerate(owned):
+                if self.stop_requested.is_set():
+                    for unstarted in owned[index:]:
+                        unstarted.release()
+                    result.released = len(owned) - index
+                    break
+                outcome = self._handle(event)
+                setattr(result, outcome, getattr(result, outcome) + 1)
+                if event.key and outcome != "retried":
+                    finished_keys.add(event.key)
+            if finished_keys:
+                self._promote_next_of_keys(finished_keys)
+        logger.info(
+            "outbox batch claimed=%d completed=%d retried=%d failed=%d "
+            "released=%d lost=%d duration_ms=%.1f",
+            result.claimed,
+            result.completed,
+            result.retried,
+            result.failed,
+            result.released,
+            result.lost,
+            (time.monotonic() - started) * 1000,
+            extra={"worker_id": self.worker_id, **vars(result)},
+        )
+        return result
+
+    def rescue_expired(self) -> int:
+        """Return events of dead workers to pending, or fail them if used up."""
+        finished_keys: set[str] = set()
+        with transaction.atomic(using=self.using):
+            expired = list(
+                OutboxEvent.objects.using(self.using)
+                .expired()
+                .order_by("locked_until")
+                .select_for_update(skip_locked=True)[:RESCUE_BATCH]
+            )
+            for event in expired:
+                error = LeaseExpired(event.locked_by)
+                if self._record_failure(event, error) == "failed" and event.key:
+                    finished_keys.add(event.key)
+            if finished_keys:
+                self._promote_next_of_keys(finished_keys)
+        if expired:
+            logger.warning(
+                "outbox rescued %d events with expired leases",
+                len(expired),
+                extra={"worker_id": self.worker_id, "rescued": len(expired)},
+            )
+        return len(expired)
+
+    def backoff(self, attempt: int) -> timedelta:
+        """Return the delay before retrying after the given failed attempt.
+
+        Exponential from the base, capped, with "equal jitter": a random
+        delay between half and all of it, so retries of events that failed
+        together spread out instead of failing together again.
+        """
+        base = self.settings.backoff_base_ms
+        ceiling = min(self.settings.backoff_cap_ms, base * 2 ** min(attempt - 1, 32))
+        jittered = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - not crypto
+        return timedelta(milliseconds=jittered)
+
+    def _lease_end(self) -> ExpressionWrapper:
+        return ExpressionWrapper(Now() + self.lease, output_field=DateTimeField())
+
+    def _mark_completed(self, events: list[OutboxEvent]) -> list[OutboxEvent]:
+        """Mark the events this worker still owns completed; return them.
+
+        The fence is owner and attempt: a worker whose lease expired, and
+        whose event was rescued and claimed again, matches nothing here.
+        """
+        fence = Q()
+        for event in events:
+            fence |= Q(pk=event.pk, attempts=event.attempts)
+        owned_rows = OutboxEvent.objects.using(self.using).filter(
+            fence, locked_by=self.worker_id
+        )
+        count = owned_rows.filter(status=Status.PROCESSING).update(
+            status=Status.COMPLETED, completed_at=Now(), locked_until=None
+        )
+        if count == len(events):
+            owned = events
+        else:
+            owned_ids = set(
+                owned_rows.filter(status=Status.COMPLETED).values_list("pk", flat=True)
+            )
+            owned = [event for event in events if event.pk in owned_ids]
+            for event in events:
+                if event.pk not in owned_ids:
+                    logger.warning(
+                        "outbox lease lost before handling; skipping event %s",
+                        event.pk,
+                        extra={"worker_id": self.worker_id, **event.describe()},
+                    )
+        for event in owned:
+            event.status = Status.COMPLETED
+        return owned
+
+    def _handle(self, event: OutboxEvent) -> str:
+        """Run the event's handler; return "completed", "retried" or "failed"."""
+        registered = get_handler(event.event_type)
+        if registered is None:
+            return self._record_failure(event, HandlerNotFound(event.event_type))
+        savepoint = _LazySavepoint(self.using)
+        try:
+            with self.connection.execute_wrapper(savepoint):
+                registered.function(event)
+            savepoint.release()
+        except Exception as error:
+            savepoint.rollback()
+            return self._record_failure(event, error)
+        logger.debug(
+            "outbox event completed",
+            extra={"worker_id": self.worker_id, **event.describe()},
+        )
+        return "completed"
+
+    def _record_failure(self, event: OutboxEvent, error: BaseException) -> str:
+        """Keep the attempt's error; retry the event or fail it for good."""
+        event.record_attempt_error(
+            worker=event.locked_by or self.worker_id, error=error
+        )
+        if isinstance(error, PermanentFailure) or event.attempts >= event.max_attempts:
+            event.fail()
+            outcome = "failed"
+        else:
+            delay = (
+                error.after
+                if isinstance(error, Retry)
+                else self.backoff(event.attempts)
+            )
+            event.schedule_retry(delay=delay)
+            outcome = "retried"
+        log = logger.error if outcome == "failed" else logger.warning
+        log(
+            "outbox event %s %s after attempt %d/%d: %s",
+            event.pk,
+            outcome,
+            event.attempts,
+            event.max_attempts,
+            type(error).__name__,
+            extra={
+                "worker_id": self.worker_id,
+                "error_class": type(error).__name__,
+                "outcome": outcome,
+                **event.describe(),
+            },
+        )
+        return outcome
+
+    def _promote_next_of_keys(self, keys: set[str]) -> None:
+        """Make the earliest unfinished event of each key claimable.
+
+        Promoting a key's earliest committed unfinished event is always right.
+        A publisher still inside its transaction may add an event this cannot
+        see yet; such a key's lock is busy, so it is checked again next tick.
+        """
+        busy = self._busy_keys(sorted(keys))
+        heads = [
+            Subquery(
+                OutboxEvent.objects.using(self.using)
+                .unfinished_of_key(key)
+                .order_by("id")
+                .values("id")[:1]
+            )
+            for key in keys
+        ]
+        candidates = OutboxEvent.objects.using(self.using).filter(waiting=True)
+        candidates.filter(pk__in=heads).update(waiting=False)  # type: ignore[misc]
+        self._keys_to_recheck = busy
+
+    def _busy_keys(self, keys: list[str]) -> set[str]:
+        """Take each key's publisher lock if free; return the keys held by others."""
+        if self.connection.vendor != "postgresql":
+            return set()  # SQLite: this transaction already excludes publishers.
+        with self.connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT key FROM unnest(%s::text[]) AS keys(key) "
+                "WHERE NOT pg_try_advisory_xact_lock(%s, hashtext(key))",
+                [keys, KEY_LOCK_CLASS],
+            )
+            return {row[0] for row in cursor.fetchall()}
+
+
+class _LazySavepoint:
+    """Open a savepoint just before a handler's first query.
+
+    Most handlers (an email, an HTTP call) never touch the database; a
+    savepoint for each of them would cost two round trips for nothing.
+    """
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self.savepoint_id: str | None = None
+        self._opening = False
+
+    def __call__(
+        self, execute: Any, sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if self.savepoint_id is None and not self._opening:
+            self._opening = True
+            try:
+                self.savepoint_id = connections[self.using].savepoint()
+            finally:
+                self._opening = False
+        return execute(sql, params, many, context)
+
+    def release(self) -> None:
+        if self.savepoint_id is not None:
+            connections[self.using].savepoint_commit(self.savepoint_id)
+
+    def rollback(self) -> None:
+        """Undo the handler's writes and let the batch's transaction go on."""
+        if self.savepoint_id is not None:
+            connections[self.using].savepoint_rollback(self.savepoint_id)
+        # An atomic(savepoint=False) block inside the handler may have marked
+        # the whole transaction for rollback; the savepoint undid its work.
+        transaction.set_rollback(False, using=self.using)

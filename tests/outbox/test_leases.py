@@ -1,0 +1,159 @@
+"""Invariants 3 and 5: one owner at a time, fenced outcomes, nothing lost."""
+
+import threading
+import time
+
+import pytest
+from django.db import DatabaseError, connection
+
+from outbox import publish
+from outbox.models import OutboxEvent, Status
+from outbox.worker import Worker
+from tests.outbox_app.models import SideEffect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def record_worker(event: OutboxEvent) -> None:
+    SideEffect.objects.create(event_uuid=event.uuid, note=event.locked_by)
+
+
+def run_until_done(worker: Worker, event: OutboxEvent, *, rounds: int = 100) -> None:
+    for _ in range(rounds):
+        worker.run_once()
+        event.refresh_from_db()
+        if event.status in (Status.COMPLETED, Status.FAILED):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"event still {event.status} after {rounds} rounds")
+
+
+def test_outcome__of_a_worker_that_lost_its_lease_is_not_recorded(
+    register_handler, fast_outbox
+):
+    register_handler("effect", record_worker)
+    event = publish("effect", {})
+    slow = Worker(worker_id="slow")
+    claimed = slow.claim()  # then the worker stalls past its lease
+    time.sleep(0.25)
+
+    run_until_done(Worker(worker_id="fresh"), event)
+    result = slow.process(claimed)
+
+    assert (result.lost, result.completed) == (1, 0)
+    event.refresh_from_db()
+    assert (event.status, event.locked_by, event.attempts) == (
+        Status.COMPLETED,
+        "fresh",
+        2,
+    )
+    assert list(SideEffect.objects.values_list("note", flat=True)) == ["fresh"]
+
+
+def test_slow_handler__is_not_taken_over_while_its_worker_holds_it(
+    register_handler, fast_outbox
+):
+    started = threading.Event()
+
+    def slow_handler(event: OutboxEvent) -> None:
+        started.set()
+        time.sleep(0.6)  # three times the 200 ms lease
+        record_worker(event)
+
+    register_handler("slow", slow_handler)
+    event = publish("slow", {})
+
+    def run_slow_worker() -> None:
+        Worker(worker_id="slow").run_once()
+        connection.close()
+
+    thread = threading.Thread(target=run_slow_worker)
+    thread.start()
+    assert started.wait(5)
+    time.sleep(0.3)  # the lease has run out, the handler is still running
+    rival = Worker(worker_id="rival")
+    rescued = rival.rescue_expired()
+    claimed = rival.run_once().claimed
+    thread.join()
+
+    assert (rescued, claimed) == (0, 0)
+    event.refresh_from_db()
+    assert (event.status, event.attempts) == (Status.COMPLETED, 1)
+    assert list(SideEffect.objects.values_list("note", flat=True)) == ["slow"]
+
+
+def test_dead_workers_events__are_claimed_again_once_the_lease_expires(
+    register_handler, fast_outbox
+):
+    register_handler("effect", record_worker)
+    event = publish("effect", {})
+    Worker(worker_id="dead").claim()  # and the process dies
+
+    assert Worker(worker_id="early").run_once().claimed == 0  # lease still valid
+    time.sleep(0.25)
+    run_until_done(Worker(worker_id="heir"), event)
+
+    assert event.attempts == 2
+    assert event.history[0]["error"] == "outbox.errors.LeaseExpired"
+    assert event.history[0]["worker"] == "dead"
+    assert list(SideEffect.objects.values_list("note", flat=True)) == ["heir"]
+
+
+def test_event_that_keeps_killing_workers__ends_failed(register_handler, fast_outbox):
+    register_handler("poison", record_worker)
+    event = publish("poison", {}, max_attempts=3)
+
+    for number in range(3):
+        deadline = time.monotonic() + 5
+        while not Worker(worker_id=f"victim-{number}").claim():
+            assert time.monotonic() < deadline, "event never became claimable"
+            Worker(worker_id="lifeline").rescue_expired()
+            time.sleep(0.02)
+    time.sleep(0.25)
+    Worker(worker_id="lifeline").rescue_expired()
+
+    event.refresh_from_db()
+    assert event.status == Status.FAILED
+    assert event.attempts == 3
+    assert [entry["worker"] for entry in event.history] == [
+        "victim-0",
+        "victim-1",
+        "victim-2",
+    ]
+    assert not SideEffect.objects.exists()
+
+
+@pytest.fixture
+def refuse_completion_at_commit():
+    """Make the commit fail when an event of type 'refused' is completed."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "CREATE FUNCTION outbox_test_refuse() RETURNS trigger AS $$ "
+            "BEGIN RAISE EXCEPTION 'completion refused at commit'; END $$ "
+            "LANGUAGE plpgsql"
+        )
+        cursor.execute(
+            "CREATE CONSTRAINT TRIGGER outbox_test_refuse AFTER UPDATE "
+            "ON outbox_outboxevent DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
+            "WHEN (NEW.status = 'completed' AND NEW.event_type = 'refused') "
+            "EXECUTE FUNCTION outbox_test_refuse()"
+        )
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute("DROP TRIGGER outbox_test_refuse ON outbox_outboxevent")
+        cursor.execute("DROP FUNCTION outbox_test_refuse()")
+
+
+def test_handler_writes__are_lost_with_a_completion_that_fails_to_commit(
+    register_handler, refuse_completion_at_commit
+):
+    register_handler("refused", record_worker)
+    event = publish("refused", {})
+    worker = Worker(worker_id="w")
+
+    with pytest.raises(DatabaseError, match="completion refused"):
+        worker.run_once()
+
+    event.refresh_from_db()
+    assert (event.status, event.locked_by) == (Status.PROCESSING, "w")
+    assert not SideEffect.objects.exists()

@@ -1,0 +1,219 @@
+import threading
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import django
+import psycopg
+import pytest
+from django.db import connection, transaction
+
+from outbox import publish
+from outbox.models import OutboxEvent, Status
+
+
+class ForcedRollbackError(Exception):
+    pass
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db(transaction=True)
+def test_publish__commits_with_the_callers_transaction() -> None:
+    with transaction.atomic():
+        event = publish("user.invited", {"invitation_id": 7})
+
+    stored = OutboxEvent.objects.get()
+    assert stored.pk == event.pk
+    assert stored.status == Status.PENDING
+    assert stored.payload == {"invitation_id": 7}
+    assert stored.attempts == 0
+    assert stored.max_attempts == 10
+    assert stored.available_at is not None and stored.created_at is not None
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db(transaction=True)
+def test_publish__rolls_back_with_the_callers_transaction() -> None:
+    with pytest.raises(ForcedRollbackError), transaction.atomic():
+        publish("user.invited", {"invitation_id": 7})
+        raise ForcedRollbackError
+
+    assert not OutboxEvent.objects.exists()
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_publish__unserialisable_payload_raises_type_error_at_the_call() -> None:
+    with pytest.raises(TypeError):
+        publish("thing.happened", {"handle": object()})
+
+    assert not OutboxEvent.objects.exists()
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_publish__encodes_with_djangos_json_encoder() -> None:
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    event = publish("thing.happened", {"at": when, "amount": Decimal("1.50")})
+
+    event.refresh_from_db()
+    assert event.payload == {"at": "2026-01-02T03:04:05Z", "amount": "1.50"}
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_publish__same_idempotency_key_returns_the_first_event() -> None:
+    first = publish("user.invited", {"n": 1}, idempotency_key="invite:1")
+    second = publish("user.invited", {"n": 2}, idempotency_key="invite:1")
+
+    assert second.pk == first.pk
+    assert second.payload == {"n": 1}
+    assert OutboxEvent.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish__concurrent_idempotency_keys_write_one_event() -> None:
+    """The loser of the race gets the winner's event, in a usable transaction."""
+    inserted = threading.Event()
+    results: dict[str, int] = {}
+
+    def winner() -> None:
+        with transaction.atomic():
+            results["winner"] = publish("x", {}, idempotency_key="race").pk
+            inserted.set()
+            threading.Event().wait(0.3)  # hold the row while the loser inserts
+        connection.close()
+
+    thread = threading.Thread(target=winner)
+    thread.start()
+    inserted.wait(5)
+    with transaction.atomic():
+        loser = publish("x", {}, idempotency_key="race")
+        publish("y", {})  # the transaction is still usable
+    thread.join()
+
+    assert loser.pk == results["winner"]
+    assert OutboxEvent.objects.filter(event_type="x").count() == 1
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_publish__available_at_and_max_attempts_are_kept() -> None:
+    later = datetime(2030, 1, 1, tzinfo=UTC)
+
+    event = publish("x", {}, available_at=later, max_attempts=3)
+
+    event.refresh_from_db()
+    assert event.available_at == later
+    assert event.max_attempts == 3
+    assert not OutboxEvent.objects.ready().exists()
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_publish__handler_max_attempts_is_the_default(register_handler) -> None:
+    register_handler("limited", lambda event: None, max_attempts=2)
+
+    assert publish("limited", {}).max_attempts == 2
+    assert publish("limited", {}, max_attempts=5).max_attempts == 5
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"event_type": ""}, "non-empty event type"),
+        ({"event_type": "x", "max_attempts": 0}, "at least 1"),
+    ],
+)
+def test_publish__rejects_bad_arguments(arguments, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        publish(payload={}, **arguments)
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_publish__keyed_events_wait_behind_the_keys_first() -> None:
+    first = publish("x", {}, key="org:1")
+    second = publish("x", {}, key="org:1")
+    other = publish("x", {}, key="org:2")
+    unkeyed = publish("x", {})
+
+    assert (first.waiting, second.waiting, other.waiting, unkeyed.waiting) == (
+        False,
+        True,
+        False,
+        False,
+    )
+    assert list(OutboxEvent.objects.ready()) == [first, other, unkeyed]
+
+
+def listen(channel: str = "outbox") -> psycopg.Connection:
+    settings = connection.settings_dict
+    listener = psycopg.connect(
+        host=settings["HOST"] or "127.0.0.1",
+        port=settings["PORT"] or 5432,
+        user=settings["USER"],
+        dbname=settings["NAME"],
+        autocommit=True,
+    )
+    listener.execute(f"LISTEN {channel}")
+    return listener
+
+
+def notifications(listener: psycopg.Connection) -> int:
+    return sum(1 for _ in listener.notifies(timeout=0.2))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish__notifies_once_per_committed_transaction() -> None:
+    listener = listen()
+    try:
+        with transaction.atomic():
+            for number in range(5):
+                publish("x", {"n": number})
+        assert notifications(listener) == 1
+        publish("x", {})  # autocommit: its own transaction
+        assert notifications(listener) == 1
+    finally:
+        listener.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish__never_notifies_for_a_rolled_back_transaction() -> None:
+    listener = listen()
+    try:
+        with pytest.raises(ForcedRollbackError), transaction.atomic():
+            publish("x", {})
+            raise ForcedRollbackError
+        assert notifications(listener) == 0
+    finally:
+        listener.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish__rolled_back_savepoint_takes_its_wakeup_along() -> None:
+    listener = listen()
+    try:
+        with transaction.atomic():
+            with pytest.raises(ForcedRollbackError), transaction.atomic():
+                publish("x", {})
+                raise ForcedRollbackError
+            publish("y", {})
+        assert notifications(listener) == 1
+        assert list(OutboxEvent.objects.values_list("event_type", flat=True)) == ["y"]
+    finally:
+        listener.close()
+
+
+@pytest.mark.django_db
+def test_publish__a_keyed_event_costs_a_lock_and_an_insert(
+    django_assert_max_num_queries,
+):
+    publish("x", {}, key="k")
+    # Django before 6.0 needs one more query to read back the waiting flag.
+    with django_assert_max_num_queries(2 if django.VERSION >= (6, 0) else 3):
+        publish("x", {}, key="k")
+
+    assert OutboxEvent.objects.ready().count() == 1

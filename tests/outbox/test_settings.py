@@ -1,0 +1,94 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+
+from outbox.checks import check_outbox_settings
+from outbox.conf import get_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults__match_the_documented_values() -> None:
+    with override_settings(OUTBOX={}):
+        values = get_settings()
+
+    assert (values.poll_ms, values.batch_size, values.stuck_timeout_ms) == (
+        2000,
+        32,
+        60_000,
+    )
+    assert (values.max_attempts, values.backoff_base_ms, values.backoff_cap_ms) == (
+        10,
+        1000,
+        60_000,
+    )
+    assert values.listen is True
+    assert values.default_worker_id.rsplit("-", 1)[1].isdigit()
+
+
+def test_strings_from_the_environment__are_accepted() -> None:
+    with override_settings(OUTBOX={"POLL_MS": "250", "WORKER_ID": "w-1"}):
+        values = get_settings()
+
+    assert values.poll_ms == 250
+    assert values.default_worker_id == "w-1"
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", 0, -1, True, None, ""])
+def test_check__rejects_what_is_not_a_positive_integer(value) -> None:
+    with override_settings(OUTBOX={"BATCH_SIZE": value}):
+        [error] = check_outbox_settings()
+
+    assert error.id == "outbox.E002"
+    assert "OUTBOX['BATCH_SIZE']" in error.msg
+    assert "OUTBOX_BATCH_SIZE" in error.msg
+
+
+@pytest.mark.parametrize(
+    ("outbox", "message"),
+    [
+        ({"POLL": 5}, "['POLL'] is not a known setting"),
+        ({"CHANNEL": "no spaces"}, "plain identifier"),
+        ({"CHANNEL": 5}, "must be a string"),
+        ({"LISTEN": "yes"}, "True or False"),
+    ],
+)
+def test_check__rejects_other_mistakes(outbox, message) -> None:
+    with override_settings(OUTBOX=outbox):
+        messages = [error.msg for error in check_outbox_settings()]
+
+    assert any(message in text for text in messages), messages
+
+
+def test_check__rejects_a_non_dict() -> None:
+    with override_settings(OUTBOX=[("POLL_MS", 5)]):
+        [error] = check_outbox_settings()
+
+    assert error.id == "outbox.E001"
+
+
+def test_get_settings__raises_naming_the_setting() -> None:
+    with (
+        override_settings(OUTBOX={"STUCK_TIMEOUT_MS": "soon"}),
+        pytest.raises(ImproperlyConfigured, match="OUTBOX_STUCK_TIMEOUT_MS"),
+    ):
+        get_settings()
+
+
+def test_manage_py_check__fails_naming_the_variable() -> None:
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "DJANGO_DEBUG": "1", "OUTBOX_POLL_MS": "-3"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    assert "outbox.E002" in result.stderr
+    assert "OUTBOX_POLL_MS" in result.stderr

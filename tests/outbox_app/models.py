@@ -1,0 +1,20 @@
+from typing import ClassVar
+
+from django.db import models
+
+
+class SideEffect(models.Model):
+    """A database write made by a test handler: at most one per event."""
+
+    event_uuid = models.UUIDField()
+    note = models.CharField(max_length=100, blank=True, default="")
+
+    class Meta:
+        constraints: ClassVar = [
+            models.UniqueConstraint(
+                fields=("event_uuid",), name="one_effect_per_event"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.note or 'effect'} of {self.event_uuid}"
