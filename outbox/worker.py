@@ -26,12 +26,12 @@ from typing import Any
 
 from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q, Subquery
+from django.db.models import DateTimeField, ExpressionWrapper, F, Min, Q, Subquery
 from django.db.models.functions import Now
 
 from outbox.conf import OutboxSettings, get_settings
 from outbox.errors import HandlerNotFound, LeaseExpired, PermanentFailure, Retry
-from outbox.models import OutboxEvent, Status
+from outbox.models import UNFINISHED, OutboxEvent, Status
 from outbox.publishing import KEY_LOCK_CLASS
 from outbox.registry import get_handler
 
@@ -82,6 +82,8 @@ class Worker:
         self.stop_requested = threading.Event()
         self._rescue_every = min(self.lease.total_seconds() / 2, 5.0)
         self._next_rescue = 0.0
+        self._sweep_every = self.lease.total_seconds()
+        self._next_sweep = 0.0
         self._keys_to_recheck: set[str] = set()
 
     @property
@@ -90,9 +92,13 @@ class Worker:
 
     def run_once(self) -> BatchResult:
         """Rescue expired leases when due, then claim and handle one batch."""
-        if time.monotonic() >= self._next_rescue:
+        now = time.monotonic()
+        if now >= self._next_rescue:
             self.rescue_expired()
-            self._next_rescue = time.monotonic() + self._rescue_every
+            self._next_rescue = now + self._rescue_every
+        if now >= self._next_sweep:
+            self.promote_orphaned_keys()
+            self._next_sweep = now + self._sweep_every
         if self._keys_to_recheck:
             with transaction.atomic(using=self.using):
                 self._promote_next_of_keys(self._keys_to_recheck)
@@ -182,6 +188,35 @@ class Worker:
                 extra={"worker_id": self.worker_id, "rescued": len(expired)},
             )
         return len(expired)
+
+    def promote_orphaned_keys(self) -> int:
+        """Give every key with unfinished events a claimable head again.
+
+        A worker that dies after committing a key's finished event, while a
+        publisher of that key was still inside its transaction, leaves the
+        publisher's event waiting with nothing ahead of it. This backstop
+        scans the unfinished keyed events, so it runs once per lease period.
+        """
+        heads = (
+            OutboxEvent.objects.using(self.using)
+            .filter(status__in=UNFINISHED)
+            .exclude(key="")
+            .values("key")
+            .annotate(head=Min("id"))
+            .values("head")
+        )
+        promoted = (
+            OutboxEvent.objects.using(self.using)
+            .filter(pk__in=Subquery(heads), waiting=True)
+            .update(waiting=False)
+        )
+        if promoted:
+            logger.warning(
+                "outbox promoted %d orphaned key heads",
+                promoted,
+                extra={"worker_id": self.worker_id, "promoted": promoted},
+            )
+        return promoted
 
     def backoff(self, attempt: int) -> timedelta:
         """Return the delay before retrying after the given failed attempt.

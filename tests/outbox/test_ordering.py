@@ -222,3 +222,20 @@ def test_key__publisher_inside_its_transaction_while_the_head_finishes(
     worker.run_once()
 
     assert seen == ["head", "next"]
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_key__an_orphaned_waiting_event_is_promoted_by_the_sweep(handled):
+    """A worker died between finishing a key's head and re-checking the key."""
+    head = publish("step", {"name": "head"}, key="org:1")
+    orphan = publish("step", {"name": "orphan"}, key="org:1")
+    OutboxEvent.objects.filter(pk=head.pk).update(status=Status.COMPLETED)
+    assert not OutboxEvent.objects.ready().exists()
+
+    promoted = Worker().promote_orphaned_keys()
+
+    assert promoted == 1
+    assert list(OutboxEvent.objects.ready()) == [orphan]
+    drain()
+    assert handled == ["orphan"]
