@@ -217,3 +217,20 @@ def _error_class(error: BaseException) -> str:
 
 def _truncate(text: str) -> str:
     return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+class OutboxWorker(models.Model):
+    """A running worker process, so operators can see which are alive."""
+
+    worker_id = models.CharField(max_length=200, unique=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField(db_default=Now())
+    last_seen_at = models.DateTimeField(db_default=Now())
+
+    class Meta:
+        verbose_name = "outbox worker"
+        ordering = ("worker_id",)
+
+    def __str__(self) -> str:
+        return self.worker_id

@@ -123,7 +123,7 @@ class Worker:
                 status=Status.PROCESSING,
                 attempts=F("attempts") + 1,
                 locked_by=self.worker_id,
-                locked_until=self._lease_end(),
+                locked_until=self.lease_end(),
             )
         for event in events:
             event.status = Status.PROCESSING
@@ -230,7 +230,7 @@ class Worker:
         jittered = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - not crypto
         return timedelta(milliseconds=jittered)
 
-    def _lease_end(self) -> ExpressionWrapper:
+    def lease_end(self) -> ExpressionWrapper:
         return ExpressionWrapper(Now() + self.lease, output_field=DateTimeField())
 
     def _mark_completed(self, events: list[OutboxEvent]) -> list[OutboxEvent]:
@@ -280,7 +280,10 @@ class Worker:
             savepoint.rollback()
             return self._record_failure(event, error)
         logger.debug(
-            "outbox event completed",
+            "outbox event completed id=%s type=%s attempt=%d",
+            event.pk,
+            event.event_type,
+            event.attempts,
             extra={"worker_id": self.worker_id, **event.describe()},
         )
         return "completed"
@@ -303,9 +306,10 @@ class Worker:
             outcome = "retried"
         log = logger.error if outcome == "failed" else logger.warning
         log(
-            "outbox event %s %s after attempt %d/%d: %s",
-            event.pk,
+            "outbox event %s id=%s type=%s attempt=%d/%d error=%s",
             outcome,
+            event.pk,
+            event.event_type,
             event.attempts,
             event.max_attempts,
             type(error).__name__,

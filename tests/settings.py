@@ -15,4 +15,4 @@ from config.settings import *  # noqa: F403
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SECURE_SSL_REDIRECT = False
 
-INSTALLED_APPS = [*INSTALLED_APPS, "tests.outbox_app"]  # noqa: F405
+INSTALLED_APPS = [*INSTALLED_APPS, "tests.outbox_app", "benchmarks"]  # noqa: F405

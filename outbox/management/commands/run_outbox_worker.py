@@ -1,0 +1,119 @@
+import argparse
+import logging
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from outbox.conf import get_settings
+from outbox.runner import Runner, RunOptions
+from outbox.worker import Worker
+
+VERBOSITY_LEVELS = {0: logging.WARNING, 1: logging.INFO}
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+class Command(BaseCommand):
+    help = "Run an outbox worker: claim events, run their handlers, until stopped."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        settings = get_settings()
+        parser.add_argument(
+            "--batch-size",
+            type=positive_int,
+            default=settings.batch_size,
+            help="Events claimed per batch (default: %(default)r).",
+        )
+        parser.add_argument(
+            "--poll-ms",
+            type=positive_int,
+            default=settings.poll_ms,
+            help="Idle poll interval, behind LISTEN/NOTIFY (default: %(default)r).",
+        )
+        parser.add_argument(
+            "--stuck-timeout-ms",
+            type=positive_int,
+            default=settings.stuck_timeout_ms,
+            help="Lease of a claimed event (default: %(default)r).",
+        )
+        parser.add_argument(
+            "--worker-id",
+            default=settings.default_worker_id,
+            help="Name recorded on claimed events (default: <host>-<pid>).",
+        )
+        parser.add_argument(
+            "--drain",
+            action="store_true",
+            help="Exit 0 once no event is ready (default: run until stopped).",
+        )
+        parser.add_argument(
+            "--max-events",
+            type=positive_int,
+            default=None,
+            help="Exit 0 after claiming this many events (default: no limit).",
+        )
+        parser.add_argument(
+            "--shutdown-timeout",
+            type=positive_seconds,
+            default=30.0,
+            help="Seconds the handler in flight may take after SIGTERM before the "
+            "worker exits non-zero (default: %(default)r).",
+        )
+
+    def handle(
+        self,
+        *,
+        batch_size: int,
+        poll_ms: int,
+        stuck_timeout_ms: int,
+        worker_id: str,
+        drain: bool,
+        max_events: int | None,
+        shutdown_timeout: float,
+        verbosity: int,
+        **options: Any,
+    ) -> None:
+        if not worker_id.strip():
+            raise CommandError("--worker-id must not be empty.")
+        logger = logging.getLogger("outbox")
+        logger.setLevel(VERBOSITY_LEVELS.get(verbosity, logging.DEBUG))
+        if not logger.handlers and not logging.getLogger().handlers:
+            logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        settings = get_settings()
+        worker = Worker(
+            worker_id=worker_id,
+            batch_size=batch_size,
+            stuck_timeout_ms=stuck_timeout_ms,
+            settings=settings,
+        )
+        runner = Runner(
+            worker,
+            RunOptions(
+                poll_ms=poll_ms,
+                drain=drain,
+                max_events=max_events,
+                shutdown_timeout=shutdown_timeout,
+                listen=settings.listen,
+            ),
+        )
+        status = runner.run()
+        if status:
+            raise SystemExit(status)

@@ -1,0 +1,287 @@
+"""run_outbox_worker as operators run it: real processes, real signals."""
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from outbox import publish
+from outbox.models import OutboxEvent, OutboxWorker, Status
+from tests.outbox.worker_process import WorkerProcess, wait_until
+from tests.outbox_app.models import SideEffect
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    """Start workers with workers.append(...); kill any left at the end."""
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.kill()
+
+
+def start(workers: list[WorkerProcess], *arguments: str, **environment: str):
+    worker = WorkerProcess(*arguments, environment=environment)
+    workers.append(worker)
+    return worker
+
+
+def count(status: str) -> int:
+    return OutboxEvent.objects.filter(status=status).count()
+
+
+def test_drain__completes_what_was_published_and_exits_0(workers):
+    for number in range(50):
+        publish("outbox_testapp.record", {"n": number})
+
+    worker = start(workers, "--drain", "--batch-size", "8", "--worker-id", "drainer")
+
+    assert worker.wait() == 0
+    assert count(Status.COMPLETED) == 50
+    assert SideEffect.objects.filter(note="drainer").count() == 50
+    assert "outbox worker started: id=drainer" in worker.output
+    assert "batch_size=8 poll_ms=2000 stuck_timeout_ms=60000" in worker.output
+    assert "outbox batch claimed=8 completed=8" in worker.output
+    assert "outbox drained" in worker.output
+
+
+def test_verbosity_2__logs_each_event_without_its_payload(workers):
+    event = publish("outbox_testapp.record", {"email": "ann@example.com"})
+
+    worker = start(workers, "--drain", "-v", "2")
+
+    assert worker.wait() == 0
+    assert f"outbox event completed id={event.pk} type=outbox_testapp.record" in (
+        worker.output
+    )
+    assert "ann@example.com" not in worker.output
+
+
+def test_max_events__stops_after_that_many(workers):
+    for number in range(10):
+        publish("outbox_testapp.record", {"n": number})
+
+    worker = start(workers, "--max-events", "4", "--batch-size", "3")
+
+    assert worker.wait() == 0
+    assert count(Status.COMPLETED) == 4
+
+
+def test_wakeup__handles_a_committed_event_without_waiting_for_the_poll(workers):
+    worker = start(workers, "--poll-ms", "30000")
+    worker.wait_for_output("outbox listening on channel outbox")
+    time.sleep(0.2)  # idle, inside its 30 s wait
+
+    published_at = time.time()
+    event = publish("outbox_testapp.clock", {})
+    wait_until(lambda: SideEffect.objects.filter(event_uuid=event.uuid).exists(), 1)
+
+    started_at = float(SideEffect.objects.get(event_uuid=event.uuid).note)
+    assert started_at - published_at < 1.0  # a sanity bound; see the benchmark
+    assert worker.stop() == 0
+
+
+def test_sigterm__while_idle_exits_0_at_once(workers):
+    worker = start(workers, "--poll-ms", "30000")
+    worker.wait_for_output("outbox listening")
+
+    worker.send(signal.SIGTERM)
+
+    assert worker.wait(timeout=5) == 0
+    assert "outbox worker stopping on SIGTERM" in worker.output
+    assert "outbox worker stopped cleanly" in worker.output
+
+
+def test_sigint__while_idle_on_sqlite_style_polling_exits_0(workers):
+    worker = start(workers, "--poll-ms", "30000", OUTBOX_LISTEN="0")
+    worker.wait_for_output("outbox worker started")
+    assert "listen=False" in worker.output
+
+    worker.send(signal.SIGINT)
+
+    assert worker.wait(timeout=5) == 0
+    assert "stopped cleanly" in worker.output
+
+
+def test_sigterm__lets_the_handler_finish_and_releases_the_rest(workers, tmp_path):
+    started = tmp_path / "started"
+    slow = publish("outbox_testapp.sleep", {"seconds": 3, "started_file": str(started)})
+    rest = [publish("outbox_testapp.record", {"n": n}) for n in range(5)]
+    worker = start(workers, "--batch-size", "10")
+    wait_until(started.exists)
+
+    worker.send(signal.SIGTERM)
+
+    assert worker.wait(timeout=10) == 0
+    slow.refresh_from_db()
+    assert (slow.status, slow.attempts) == (Status.COMPLETED, 1)
+    for event in rest:
+        event.refresh_from_db()
+        assert (event.status, event.attempts, event.locked_by) == (
+            Status.PENDING,
+            0,
+            "",
+        )
+    assert "released=5" in worker.output
+    assert not OutboxWorker.objects.exists()
+
+
+def test_second_signal__exits_at_once_and_the_lease_covers_the_event(workers, tmp_path):
+    started = tmp_path / "started"
+    slow = publish(
+        "outbox_testapp.sleep", {"seconds": 30, "started_file": str(started)}
+    )
+    worker = start(workers)
+    wait_until(started.exists)
+
+    worker.send(signal.SIGTERM)
+    worker.wait_for_output("stopping on SIGTERM")
+    worker.send(signal.SIGTERM)
+
+    assert worker.wait(timeout=5) != 0
+    slow.refresh_from_db()
+    assert slow.status == Status.PROCESSING
+    assert slow.locked_until is not None
+
+
+def test_shutdown_timeout__exits_non_zero_when_the_handler_outlives_it(
+    workers, tmp_path
+):
+    started = tmp_path / "started"
+    slow = publish(
+        "outbox_testapp.sleep", {"seconds": 30, "started_file": str(started)}
+    )
+    worker = start(workers, "--shutdown-timeout", "0.5")
+    wait_until(started.exists)
+
+    worker.send(signal.SIGTERM)
+
+    assert worker.wait(timeout=10) == 1
+    assert "shutdown timeout" in worker.output
+    slow.refresh_from_db()
+    assert slow.status == Status.PROCESSING
+
+
+def test_kill_9__a_second_worker_completes_everything_exactly_once(workers, tmp_path):
+    started = tmp_path / "started"
+    events = [
+        publish(
+            "outbox_testapp.sleep",
+            {"seconds": 0.2, "started_file": str(started) if n == 3 else ""},
+        )
+        for n in range(20)
+    ]
+    doomed = start(workers, "--batch-size", "5", "--stuck-timeout-ms", "1000")
+    wait_until(started.exists)
+    doomed.process.kill()  # SIGKILL mid-batch
+    doomed.wait()
+
+    heir = start(workers, "--poll-ms", "100", "--stuck-timeout-ms", "1000")
+    wait_until(lambda: count(Status.COMPLETED) == len(events), timeout=20)
+
+    assert heir.stop() == 0
+    assert SideEffect.objects.count() == len(events)  # one per event, no more
+    assert OutboxEvent.objects.filter(history__0__error="outbox.errors.LeaseExpired")
+
+
+def test_slow_handler__of_a_live_worker_is_not_taken_over(workers):
+    event = publish("outbox_testapp.sleep", {"seconds": 2})
+    for name in ("first", "second"):
+        start(
+            workers,
+            "--worker-id",
+            name,
+            "--poll-ms",
+            "50",
+            "--stuck-timeout-ms",
+            "500",
+        )
+
+    wait_until(lambda: count(Status.COMPLETED) == 1, timeout=15)
+    time.sleep(0.5)
+
+    event.refresh_from_db()
+    assert event.attempts == 1
+    assert SideEffect.objects.count() == 1
+    assert [worker.stop() for worker in workers] == [0, 0]
+
+
+def terminate_other_backends() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
+def test_connection_loss__the_worker_reconnects_and_carries_on(workers):
+    worker = start(workers, "--poll-ms", "30000")
+    worker.wait_for_output("outbox listening")
+    publish("outbox_testapp.record", {"n": 1})
+    wait_until(lambda: count(Status.COMPLETED) == 1)
+
+    assert terminate_other_backends() >= 2  # the claiming and the listening one
+    time.sleep(0.5)
+    for number in range(5):
+        publish("outbox_testapp.record", {"n": number})
+    wait_until(lambda: count(Status.COMPLETED) == 6, timeout=10)
+
+    assert worker.process.poll() is None
+    assert "outbox lost its listening connection" in worker.output
+    assert worker.stop() == 0
+
+
+def test_tick_failure__is_logged_and_the_next_tick_runs(workers):
+    worker = start(workers, "--poll-ms", "50")
+    worker.wait_for_output("outbox listening")
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE outbox_outboxevent RENAME TO outbox_hidden")
+    try:
+        worker.wait_for_output("outbox tick failed")
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("ALTER TABLE outbox_hidden RENAME TO outbox_outboxevent")
+
+    publish("outbox_testapp.record", {})
+    wait_until(lambda: count(Status.COMPLETED) == 1, timeout=10)
+
+    assert "Traceback" in worker.output
+    assert worker.process.poll() is None
+    assert worker.stop() == 0
+
+
+def test_identity__a_running_worker_is_recorded_until_it_stops(workers):
+    worker = start(workers, "--worker-id", "visible", "--poll-ms", "50")
+    worker.wait_for_output("outbox listening")
+
+    record = OutboxWorker.objects.get(worker_id="visible")
+    assert record.pid == worker.pid
+    assert record.started_at <= record.last_seen_at
+    assert worker.stop() == 0
+    assert not OutboxWorker.objects.filter(worker_id="visible").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--batch-size", "0"),
+        ("--poll-ms", "soon"),
+        ("--stuck-timeout-ms", "-1"),
+        ("--max-events", "0"),
+        ("--shutdown-timeout", "never"),
+    ],
+)
+def test_invalid_option__fails_naming_it(option, value):
+    with pytest.raises(CommandError, match=option):
+        call_command("run_outbox_worker", option, value)
+
+
+def test_empty_worker_id__is_refused():
+    with pytest.raises(CommandError, match="--worker-id"):
+        call_command("run_outbox_worker", "--worker-id", " ")

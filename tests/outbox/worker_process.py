@@ -1,0 +1,109 @@
+"""Start real `run_outbox_worker` processes against the test database."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Short timings so the tests take seconds: retries after 10-20 ms.
+FAST_ENVIRONMENT = {"OUTBOX_BACKOFF_BASE_MS": "20", "OUTBOX_BACKOFF_CAP_MS": "200"}
+
+
+def test_database_url() -> str:
+    settings = connection.settings_dict
+    password = f":{settings['PASSWORD']}" if settings["PASSWORD"] else ""
+    return (
+        f"postgres://{settings['USER']}{password}@{settings['HOST'] or '127.0.0.1'}"
+        f":{settings['PORT'] or 5432}/{settings['NAME']}"
+    )
+
+
+class WorkerProcess:
+    """A worker subprocess whose output is collected line by line."""
+
+    def __init__(self, *arguments: str, environment: dict[str, str] | None = None):
+        env = {
+            **os.environ,
+            **FAST_ENVIRONMENT,
+            **(environment or {}),
+            "DATABASE_URL": test_database_url(),
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "manage.py", "run_outbox_worker", *arguments],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+
+    def wait_for_output(self, text: str, timeout: float = 15) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if self.process.poll() is not None and text not in self.output:
+                self._reader.join(1)
+                if text in self.output:
+                    return
+                raise AssertionError(f"worker exited before {text!r}:\n{self.output}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} within {timeout}s:\n{self.output}")
+            time.sleep(0.01)
+
+    def send(self, number: signal.Signals) -> None:
+        os.kill(self.pid, number)
+
+    def wait(self, timeout: float = 15) -> int:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(
+                f"worker still running after {timeout}s:\n{self.output}"
+            ) from None
+        self._reader.join(2)
+        return code
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.send(signal.SIGTERM)
+        return self.wait()
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15) -> float:
+    """Poll condition until true; return the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.005)
+    return time.monotonic() - started
