@@ -83,13 +83,10 @@ def get_settings() -> OutboxSettings:
 
 
 def _positive_int(value: object) -> int | None:
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | str):
         return None
-    if isinstance(value, str):
-        value = value.strip()
-        if not value.isdigit():
-            return None
-    if not isinstance(value, int | str):
+    try:
+        number = int(value)
+    except ValueError:
         return None
-    number = int(value)
     return number if number > 0 else None

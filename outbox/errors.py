@@ -35,3 +35,7 @@ class LeaseExpired(Exception):  # noqa: N818 - recorded as the attempt's error c
         super().__init__(
             f"lease expired: worker {worker!r} stopped without recording an outcome"
         )
+
+
+class UnsupportedIsolationLevel(RuntimeError):  # noqa: N818 - reads as the problem
+    """Keyed events need READ COMMITTED, PostgreSQL's default isolation."""

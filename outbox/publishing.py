@@ -5,8 +5,8 @@ for a transaction that rolls back.
 """
 
 import json
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +16,7 @@ from django.db import IntegrityError, connections, router, transaction
 from django.db.models import Exists
 
 from outbox.conf import get_settings
+from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import UNFINISHED, OutboxEvent
 from outbox.registry import get_handler
 
@@ -106,22 +107,25 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
     built = [new.build() for new in events]
     using = router.db_for_write(OutboxEvent)
     with _in_transaction(using):
-        existing = _existing_events(
+        stored = _existing_events(
             [event.idempotency_key for event in built if event.idempotency_key], using
         )
         fresh: list[OutboxEvent] = []
         for event in built:
             if event.idempotency_key is None:
                 fresh.append(event)
-            elif event.idempotency_key not in existing:
-                existing[event.idempotency_key] = event
+            elif event.idempotency_key not in stored:
+                stored[event.idempotency_key] = event
                 fresh.append(event)
         _mark_waiting(fresh, using)
         _insert_many(fresh, using)
+        for event in fresh:
+            if event.idempotency_key:
+                stored[event.idempotency_key] = event
         if fresh:
             _wake_workers_on_commit(using)
     return [
-        existing[event.idempotency_key] if event.idempotency_key else event
+        stored[event.idempotency_key] if event.idempotency_key else event
         for event in built
     ]
 
@@ -154,25 +158,27 @@ def _insert_one(event: OutboxEvent, using: str) -> OutboxEvent:
 
 
 def _insert_many(events: list[OutboxEvent], using: str) -> None:
+    """Insert the events, replacing any that lost an idempotency race."""
     guarded = any(event.idempotency_key for event in events)
     for start in range(0, len(events), INSERT_CHUNK):
         chunk = events[start : start + INSERT_CHUNK]
-        with transaction.atomic(using=using) if guarded else _no_savepoint():
-            try:
+        if not guarded:
+            OutboxEvent.objects.using(using).bulk_create(chunk)
+            continue
+        try:
+            with transaction.atomic(using=using):
                 OutboxEvent.objects.using(using).bulk_create(chunk)
-                continue
-            except IntegrityError:
-                if not guarded:
-                    raise
-        # A concurrent publisher took one of the idempotency keys: publish
-        # this chunk one by one, each resolving its own conflict.
-        for index, event in enumerate(chunk):
-            events[start + index] = _insert_one(event, using)
-
-
-@contextmanager
-def _no_savepoint() -> Iterator[None]:
-    yield
+        except IntegrityError:
+            # A concurrent publisher took one of the idempotency keys: publish
+            # this chunk one by one, as publish() would, each resolving its
+            # own conflict and seeing the ones before it.
+            for index, event in enumerate(chunk):
+                event.pk = None
+                if event.key:
+                    event.waiting = Exists(
+                        OutboxEvent.objects.unfinished_of_key(event.key)
+                    )
+                events[start + index] = _insert_one(event, using)
 
 
 def _mark_waiting(events: list[OutboxEvent], using: str) -> None:
@@ -215,17 +221,29 @@ def _lock_keys(keys: list[str], using: str) -> None:
     Ids come from a sequence in insert order, but transactions may commit in
     the opposite order, and a worker could then handle the later event of a
     key first. Holding the key's lock until commit makes id order commit
-    order. Locks are taken in one fixed order so publishers cannot deadlock.
+    order. One call takes its locks in a fixed order; two transactions that
+    publish several keys in opposite orders can still deadlock, like any two
+    transactions locking rows in opposite orders, and PostgreSQL then aborts
+    one of them.
     """
     connection = connections[using]
     if connection.vendor != "postgresql":
         return  # SQLite's IMMEDIATE transactions already serialise writers.
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT pg_advisory_xact_lock(%s, lock) FROM ("
-            " SELECT DISTINCT hashtext(key) AS lock FROM unnest(%s::text[]) AS key"
-            ") AS locks ORDER BY lock",
+            "SELECT current_setting('transaction_isolation'),"
+            " (SELECT count(pg_advisory_xact_lock(%s, lock)) FROM ("
+            "  SELECT DISTINCT hashtext(key) AS lock"
+            "  FROM unnest(%s::text[]) AS key ORDER BY lock) AS locks)",
             [KEY_LOCK_CLASS, keys],
+        )
+        isolation = cursor.fetchone()[0]
+    if isolation != "read committed":
+        # The check for earlier events of the key must see what committed
+        # while this transaction waited for the lock; a snapshot taken
+        # before that would let two events of one key run at once.
+        raise UnsupportedIsolationLevel(
+            f"publish() with a key needs READ COMMITTED isolation, not {isolation}."
         )
 
 

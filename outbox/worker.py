@@ -28,17 +28,21 @@ from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import DateTimeField, ExpressionWrapper, F, Min, Q, Subquery
 from django.db.models.functions import Now
+from django.db.transaction import TransactionManagementError
 
 from outbox.conf import OutboxSettings, get_settings
 from outbox.errors import HandlerNotFound, LeaseExpired, PermanentFailure, Retry
 from outbox.models import UNFINISHED, OutboxEvent, Status
 from outbox.publishing import KEY_LOCK_CLASS
-from outbox.registry import get_handler
+from outbox.registry import HandlerFunction, get_handler
 
 logger = logging.getLogger(__name__)
 
 #: Expired leases rescued per transaction; the rest wait for the next round.
 RESCUE_BATCH = 500
+#: Savepoints per outcome transaction. PostgreSQL caches 64 subtransactions
+#: per transaction; past that, every session's visibility checks slow down.
+MAX_SUBTRANSACTIONS = 60
 
 
 @dataclass
@@ -138,17 +142,27 @@ class Worker:
         with transaction.atomic(using=self.using):
             owned = self._mark_completed(events)
             result.lost = len(events) - len(owned)
+            scope = _HandlerScope(self.using)
             finished_keys: set[str] = set()
+            held_heads: dict[str, int] = {}
             for index, event in enumerate(owned):
-                if self.stop_requested.is_set():
+                if self.stop_requested.is_set() or scope.exhausted:
+                    # Stopping, or the transaction has as many subtransactions
+                    # as PostgreSQL caches: give the rest back, uncharged.
                     for unstarted in owned[index:]:
                         unstarted.release()
+                        if unstarted.key:
+                            held_heads[unstarted.key] = unstarted.pk
                     result.released = len(owned) - index
                     break
-                outcome = self._handle(event)
+                outcome = self._handle(event, scope)
                 setattr(result, outcome, getattr(result, outcome) + 1)
-                if event.key and outcome != "retried":
+                if event.key and outcome == "retried":
+                    held_heads[event.key] = event.pk
+                elif event.key:
                     finished_keys.add(event.key)
+            if held_heads:
+                self._keep_heads(held_heads)
             if finished_keys:
                 self._promote_next_of_keys(finished_keys)
         logger.info(
@@ -266,18 +280,13 @@ class Worker:
             event.status = Status.COMPLETED
         return owned
 
-    def _handle(self, event: OutboxEvent) -> str:
+    def _handle(self, event: OutboxEvent, scope: "_HandlerScope") -> str:
         """Run the event's handler; return "completed", "retried" or "failed"."""
         registered = get_handler(event.event_type)
         if registered is None:
             return self._record_failure(event, HandlerNotFound(event.event_type))
-        savepoint = _LazySavepoint(self.using)
-        try:
-            with self.connection.execute_wrapper(savepoint):
-                registered.function(event)
-            savepoint.release()
-        except Exception as error:
-            savepoint.rollback()
+        error = scope.run(registered.function, event)
+        if error is not None:
             return self._record_failure(event, error)
         logger.debug(
             "outbox event completed id=%s type=%s attempt=%d",
@@ -341,7 +350,22 @@ class Worker:
         ]
         candidates = OutboxEvent.objects.using(self.using).filter(waiting=True)
         candidates.filter(pk__in=heads).update(waiting=False)  # type: ignore[misc]
-        self._keys_to_recheck = busy
+        self._keys_to_recheck = (self._keys_to_recheck - keys) | busy
+
+    def _keep_heads(self, heads: dict[str, int]) -> None:
+        """Hold back events published behind heads that are still unfinished.
+
+        A handler may publish an event of a key whose head is in this batch.
+        The head was marked completed first, so the new event saw no earlier
+        unfinished event and did not wait; if the head is retried or released
+        after all, the new event must wait behind it again.
+        """
+        behind = Q()
+        for key, head in heads.items():
+            behind |= Q(key=key, pk__gt=head)
+        OutboxEvent.objects.using(self.using).filter(
+            behind, status=Status.PENDING, waiting=False
+        ).update(waiting=True)
 
     def _busy_keys(self, keys: list[str]) -> set[str]:
         """Take each key's publisher lock if free; return the keys held by others."""
@@ -356,15 +380,64 @@ class Worker:
             return {row[0] for row in cursor.fetchall()}
 
 
-class _LazySavepoint:
-    """Open a savepoint just before a handler's first query.
+class _HandlerScope:
+    """Run a batch's handlers in its transaction, each isolated from the others.
 
-    Most handlers (an email, an HTTP call) never touch the database; a
-    savepoint for each of them would cost two round trips for nothing.
+    A savepoint is opened just before a handler's first query: most handlers
+    (an email, an HTTP call) never touch the database, and a savepoint would
+    cost them two round trips for nothing. A handler that fails loses its
+    writes and the on_commit callbacks it registered (no ghost email), and
+    leaves the transaction usable for the next handler.
     """
 
     def __init__(self, using: str) -> None:
         self.using = using
+        self.savepoints = 0
+        self._constraints_checked_now = False
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether one more savepoint would overflow PostgreSQL's cache."""
+        return self.savepoints >= MAX_SUBTRANSACTIONS
+
+    def run(self, function: HandlerFunction, event: OutboxEvent) -> Exception | None:
+        """Run function(event); return the exception it raised, if any."""
+        connection = connections[self.using]
+        callbacks = len(connection.run_on_commit)
+        savepoint = _LazySavepoint(self)
+        try:
+            with connection.execute_wrapper(savepoint):
+                function(event)
+            if connection.needs_rollback:
+                raise TransactionManagementError(
+                    "the handler caught a database error inside "
+                    "transaction.atomic() and went on"
+                )
+            savepoint.release()
+        except Exception as error:
+            savepoint.rollback()
+            del connection.run_on_commit[callbacks:]
+            return error
+        return None
+
+    def open_savepoint(self) -> str | None:
+        connection = connections[self.using]
+        if connection.vendor == "postgresql" and not self._constraints_checked_now:
+            # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: a bad
+            # write would fail at COMMIT and take the whole batch with it.
+            # Checked at each statement, it fails the handler that made it.
+            with connection.cursor() as cursor:
+                cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+            self._constraints_checked_now = True
+        self.savepoints += 1
+        return connection.savepoint()
+
+
+class _LazySavepoint:
+    """The savepoint of one handler, opened by its first query."""
+
+    def __init__(self, scope: _HandlerScope) -> None:
+        self.scope = scope
         self.savepoint_id: str | None = None
         self._opening = False
 
@@ -374,19 +447,21 @@ class _LazySavepoint:
         if self.savepoint_id is None and not self._opening:
             self._opening = True
             try:
-                self.savepoint_id = connections[self.using].savepoint()
+                self.savepoint_id = self.scope.open_savepoint()
             finally:
                 self._opening = False
         return execute(sql, params, many, context)
 
     def release(self) -> None:
         if self.savepoint_id is not None:
-            connections[self.using].savepoint_commit(self.savepoint_id)
+            connections[self.scope.using].savepoint_commit(self.savepoint_id)
 
     def rollback(self) -> None:
         """Undo the handler's writes and let the batch's transaction go on."""
+        # A failed query, or an atomic(savepoint=False) block, inside the
+        # handler marks the whole transaction for rollback; rolling back to
+        # the savepoint taken before the handler undoes all it did, as
+        # Atomic.__exit__ does for its own savepoints.
+        transaction.set_rollback(False, using=self.scope.using)
         if self.savepoint_id is not None:
-            connections[self.using].savepoint_rollback(self.savepoint_id)
-        # An atomic(savepoint=False) block inside the handler may have marked
-        # the whole transaction for rollback; the savepoint undid its work.
-        transaction.set_rollback(False, using=self.using)
+            connections[self.scope.using].savepoint_rollback(self.savepoint_id)

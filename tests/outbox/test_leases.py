@@ -4,7 +4,7 @@ import threading
 import time
 
 import pytest
-from django.db import DatabaseError, connection
+from django.db import OperationalError, connection
 
 from outbox import publish
 from outbox.models import OutboxEvent, Status
@@ -123,37 +123,39 @@ def test_event_that_keeps_killing_workers__ends_failed(register_handler, fast_ou
     assert not SideEffect.objects.exists()
 
 
-@pytest.fixture
-def refuse_completion_at_commit():
-    """Make the commit fail when an event of type 'refused' is completed."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "CREATE FUNCTION outbox_test_refuse() RETURNS trigger AS $$ "
-            "BEGIN RAISE EXCEPTION 'completion refused at commit'; END $$ "
-            "LANGUAGE plpgsql"
-        )
-        cursor.execute(
-            "CREATE CONSTRAINT TRIGGER outbox_test_refuse AFTER UPDATE "
-            "ON outbox_outboxevent DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
-            "WHEN (NEW.status = 'completed' AND NEW.event_type = 'refused') "
-            "EXECUTE FUNCTION outbox_test_refuse()"
-        )
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute("DROP TRIGGER outbox_test_refuse ON outbox_outboxevent")
-        cursor.execute("DROP FUNCTION outbox_test_refuse()")
-
-
 def test_handler_writes__are_lost_with_a_completion_that_fails_to_commit(
-    register_handler, refuse_completion_at_commit
+    register_handler, monkeypatch
 ):
-    register_handler("refused", record_worker)
-    event = publish("refused", {})
+    register_handler("effect", record_worker)
+    event = publish("effect", {})
     worker = Worker(worker_id="w")
+    claimed = worker.claim()
 
-    with pytest.raises(DatabaseError, match="completion refused"):
-        worker.run_once()
+    def lose_the_connection() -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(connection, "commit", lose_the_connection)
+    with pytest.raises(OperationalError):
+        worker.process(claimed)
+    monkeypatch.undo()
 
     event.refresh_from_db()
     assert (event.status, event.locked_by) == (Status.PROCESSING, "w")
     assert not SideEffect.objects.exists()
+
+
+def test_deferred_constraint__fails_only_the_handler_that_broke_it(register_handler):
+    def orphan(event: OutboxEvent) -> None:
+        SideEffect.objects.create(event_uuid=event.uuid, parent_id=999_999)
+
+    register_handler("orphan", orphan)
+    register_handler("effect", record_worker)
+    bad = publish("orphan", {})
+    good = [publish("effect", {}) for _ in range(3)]
+
+    result = Worker().run_once()
+
+    assert (result.completed, result.retried) == (3, 1)
+    bad.refresh_from_db()
+    assert "ForeignKeyViolation" in bad.last_error or "foreign key" in bad.last_error
+    assert SideEffect.objects.filter(event_uuid__in=[e.uuid for e in good]).count() == 3

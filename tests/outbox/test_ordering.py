@@ -239,3 +239,41 @@ def test_key__an_orphaned_waiting_event_is_promoted_by_the_sweep(handled):
     assert list(OutboxEvent.objects.ready()) == [orphan]
     drain()
     assert handled == ["orphan"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_key__a_busy_key_is_rechecked_even_after_other_keys_finish(register_handler):
+    """The re-check of a key whose publisher was mid-transaction is not lost.
+
+    Between the head of org:1 finishing (its publisher still inside its
+    transaction) and that publisher committing, the worker finishes an event
+    of another key; org:1 must still be re-checked afterwards.
+    """
+    publishing = threading.Event()
+    release = threading.Event()
+    seen: list[str] = []
+
+    def step(event: OutboxEvent) -> None:
+        seen.append(event.payload["name"])
+        if event.payload["name"] == "head":
+            publishing.wait(5)
+
+    register_handler("step", step)
+    publish("step", {"name": "head"}, key="org:1")
+
+    def publisher() -> None:
+        with transaction.atomic():
+            publish("step", {"name": "next"}, key="org:1")
+            publishing.set()
+            release.wait(5)
+
+    thread = in_thread(publisher)
+    worker = Worker()
+    worker.run_once()  # org:1's head finishes while its lock is taken
+    publish("step", {"name": "other"}, key="org:2")
+    worker.run_once()  # finishes org:2
+    release.set()
+    thread.join(5)
+    worker.run_once()
+
+    assert seen == ["head", "other", "next"]

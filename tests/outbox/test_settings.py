@@ -38,7 +38,9 @@ def test_strings_from_the_environment__are_accepted() -> None:
     assert values.default_worker_id == "w-1"
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", 0, -1, True, None, ""])
+@pytest.mark.parametrize(
+    "value", ["abc", "0", "-5", "1.5", "²", 0, -1, 2.5, True, None, ""]
+)
 def test_check__rejects_what_is_not_a_positive_integer(value) -> None:
     with override_settings(OUTBOX={"BATCH_SIZE": value}):
         [error] = check_outbox_settings()

@@ -25,7 +25,7 @@ def test_drain__stops_at_max_events() -> None:
     for _ in range(5):
         publish("outbox_testapp.discovered", {})
 
-    assert drain(max_events=2, batch_size=1).claimed == 2
+    assert drain(max_events=2, batch_size=10).claimed == 2
 
 
 @pytest.mark.sqlite

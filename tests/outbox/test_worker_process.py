@@ -79,10 +79,15 @@ def test_wakeup__handles_a_committed_event_without_waiting_for_the_poll(workers)
 
     published_at = time.time()
     event = publish("outbox_testapp.clock", {})
-    wait_until(lambda: SideEffect.objects.filter(event_uuid=event.uuid).exists(), 1)
+    wait_until(
+        lambda: SideEffect.objects.filter(event_uuid=event.uuid).exists(),
+        timeout=5,
+        context=lambda: worker.output,
+    )
 
     started_at = float(SideEffect.objects.get(event_uuid=event.uuid).note)
-    assert started_at - published_at < 1.0  # a sanity bound; see the benchmark
+    # A sanity bound, far above the milliseconds the benchmark measures.
+    assert started_at - published_at < 1.0, worker.output
     assert worker.stop() == 0
 
 

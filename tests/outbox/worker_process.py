@@ -99,11 +99,15 @@ class WorkerProcess:
             self.process.wait(10)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 15) -> float:
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float = 15,
+    context: Callable[[], str] = str,
+) -> float:
     """Poll condition until true; return the seconds it took."""
     started = time.monotonic()
     while not condition():
         if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {timeout}s\n{context()}")
         time.sleep(0.005)
     return time.monotonic() - started

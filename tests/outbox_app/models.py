@@ -8,6 +8,8 @@ class SideEffect(models.Model):
 
     event_uuid = models.UUIDField()
     note = models.CharField(max_length=100, blank=True, default="")
+    # A foreign key, which Django makes DEFERRABLE INITIALLY DEFERRED.
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.CASCADE)
 
     class Meta:
         constraints: ClassVar = [

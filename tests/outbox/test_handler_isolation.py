@@ -1,0 +1,183 @@
+"""A handler's failure stays its own: writes, callbacks and the transaction."""
+
+import threading
+
+import pytest
+from django.db import IntegrityError, connection, transaction
+
+from outbox import NewEvent, publish, publish_many
+from outbox.errors import UnsupportedIsolationLevel
+from outbox.models import OutboxEvent, Status
+from outbox.worker import MAX_SUBTRANSACTIONS, Worker
+from tests.outbox_app.models import SideEffect
+
+
+def record(event: OutboxEvent) -> None:
+    SideEffect.objects.create(event_uuid=event.uuid)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_handler__its_on_commit_callbacks_never_run(register_handler):
+    sent: list[str] = []
+
+    def schedule_then_fail(event: OutboxEvent) -> None:
+        transaction.on_commit(lambda: sent.append("ghost email"))
+        publish("follow.up", {})
+        raise ConnectionError("then the handler fails")
+
+    def schedule(event: OutboxEvent) -> None:
+        transaction.on_commit(lambda: sent.append("real email"))
+
+    register_handler("flaky", schedule_then_fail)
+    register_handler("fine", schedule)
+    publish("flaky", {})
+    publish("fine", {})
+
+    result = Worker().run_once()
+
+    assert (result.completed, result.retried) == (1, 1)
+    assert sent == ["real email"]
+    assert not OutboxEvent.objects.filter(event_type="follow.up").exists()
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_handler_that_swallows_an_error_inside_atomic__fails_alone(register_handler):
+    def swallow(event: OutboxEvent) -> None:
+        SideEffect.objects.create(event_uuid=event.uuid)
+        try:
+            with transaction.atomic(savepoint=False):
+                SideEffect.objects.create(event_uuid=event.uuid)  # duplicate
+        except IntegrityError:
+            pass  # and carries on as if nothing happened
+
+    register_handler("swallow", swallow)
+    register_handler("fine", record)
+    bad = publish("swallow", {})
+    good = publish("fine", {})
+
+    result = Worker().run_once()
+
+    assert (result.completed, result.retried) == (1, 1)
+    bad.refresh_from_db()
+    assert "TransactionManagementError" in bad.last_error
+    assert list(SideEffect.objects.values_list("event_uuid", flat=True)) == [good.uuid]
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_key__an_event_published_behind_a_retried_head_still_waits(
+    register_handler, fast_outbox
+):
+    """A handler publishes an event of a key whose head is in the same batch.
+
+    The head was marked completed with the batch, so the new event saw no
+    earlier unfinished event of its key; the head then fails and is retried:
+    the new event must wait behind it, not run first.
+    """
+    seen: list[str] = []
+
+    def head(event: OutboxEvent) -> None:
+        seen.append("head")
+        if seen.count("head") == 1:
+            raise ConnectionError("first try fails")
+
+    register_handler("publisher", lambda event: publish("follower", {}, key="org:1"))
+    register_handler("head", head)
+    register_handler("follower", lambda event: seen.append("follower"))
+    publish("publisher", {})
+    publish("head", {}, key="org:1")
+
+    first = Worker().run_once()
+
+    assert (first.completed, first.retried) == (1, 1)
+    follower = OutboxEvent.objects.get(event_type="follower")
+    assert follower.waiting
+    for _ in range(100):
+        if not Worker().run_once().claimed and len(seen) == 3:
+            break
+    assert seen == ["head", "head", "follower"]
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_key__head_released_after_a_sibling_published_behind_it(register_handler):
+    """A handler publishes an event of a key whose head is in the same batch.
+
+    The head is marked completed first, so the new event does not wait; the
+    head is then released (the worker is stopping): the new event must not
+    run before it.
+    """
+    worker = Worker()
+
+    def publish_behind_and_stop(event: OutboxEvent) -> None:
+        publish("step", {"name": "behind"}, key="org:1")
+        worker.stop_requested.set()
+
+    seen: list[str] = []
+    register_handler("publisher", publish_behind_and_stop)
+    register_handler("step", lambda event: seen.append(event.payload["name"]))
+    publish("publisher", {})
+    head = publish("step", {"name": "head"}, key="org:1")
+
+    result = worker.run_once()
+
+    assert (result.completed, result.released) == (1, 1)
+    assert list(OutboxEvent.objects.ready()) == [head]
+    Worker().run_once()
+    Worker().run_once()
+    assert seen == ["head", "behind"]
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_batch__stops_opening_savepoints_before_postgresql_would_slow_down(
+    register_handler,
+):
+    register_handler("write", record)
+    for _ in range(MAX_SUBTRANSACTIONS + 5):
+        publish("write", {})
+
+    result = Worker(batch_size=MAX_SUBTRANSACTIONS + 5).run_once()
+
+    assert (result.completed, result.released) == (MAX_SUBTRANSACTIONS, 5)
+    assert OutboxEvent.objects.filter(status=Status.PENDING, attempts=0).count() == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_many__losing_an_idempotency_race_returns_the_winner():
+    inserted = threading.Event()
+    winner: list[int] = []
+
+    def publish_first() -> None:
+        with transaction.atomic():
+            winner.append(publish("x", {"n": 0}, idempotency_key="race").pk)
+            inserted.set()
+            threading.Event().wait(0.3)
+        connection.close()
+
+    thread = threading.Thread(target=publish_first)
+    thread.start()
+    assert inserted.wait(5)
+    with transaction.atomic():
+        events = publish_many(
+            [NewEvent("x", {"n": 1}, idempotency_key="race"), NewEvent("y", {})]
+        )
+    thread.join(5)
+
+    assert events[0].pk == winner[0]
+    assert events[1].pk is not None
+    assert OutboxEvent.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_keyed_publish__refuses_repeatable_read():
+    with pytest.raises(UnsupportedIsolationLevel), transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        publish("x", {}, key="org:1")
+
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        publish("x", {})  # without a key, any isolation level will do
