@@ -17,10 +17,13 @@ $(BIN)/.installed: pyproject.toml
 	"$(BIN)/python" -m pip install --quiet --editable '.[dev]'
 	touch "$@"
 
-## demo: set up the embedded SQLite database and serve the project locally.
+## demo: on the embedded SQLite database, create a demo organization, invite a
+## few people through the services, and run the worker that emails them
+## (printed to the console). Ctrl+C stops the worker cleanly.
 demo: $(BIN)/.installed
 	DJANGO_DEBUG=1 "$(BIN)/python" manage.py migrate --no-input
-	DJANGO_DEBUG=1 "$(BIN)/python" manage.py runserver
+	DJANGO_DEBUG=1 "$(BIN)/python" manage.py seed_demo
+	DJANGO_DEBUG=1 "$(BIN)/python" manage.py run_outbox_worker
 
 ## test: lint, type-check, check the project and run both test suites.
 test: lint test-postgres test-sqlite

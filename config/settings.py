@@ -130,6 +130,9 @@ if EMAIL_BACKEND_PATH == SMTP_BACKEND:
         "use_ssl": env_bool("DJANGO_EMAIL_USE_SSL", default=False),
         "timeout": env_int("DJANGO_EMAIL_TIMEOUT", default=10, minimum=1),
     }
+# Where people open the links in emails (the invitation's accept link).
+SITE_URL = env_str("DJANGO_SITE_URL", default="http://localhost:8000").rstrip("/")
+INVITATION_VALID_DAYS = env_int("DJANGO_INVITATION_VALID_DAYS", default=7, minimum=1)
 DEFAULT_FROM_EMAIL = env_str("DJANGO_DEFAULT_FROM_EMAIL", default="webmaster@localhost")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 

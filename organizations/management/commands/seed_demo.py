@@ -1,0 +1,42 @@
+from typing import Any
+
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from organizations import services
+from organizations.models import Organization
+from outbox.models import OutboxEvent, Status
+from users.models import User
+
+DEMO_ADMIN = "demo-admin@example.com"
+INVITEES = ("alice@example.com", "bob@example.com", "carol@example.com")
+
+
+class Command(BaseCommand):
+    help = (
+        "Create a demo organization, invite a few people and add a project, "
+        "through the same services the API uses; the worker then sends the emails."
+    )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        with transaction.atomic():
+            admin = User.objects.filter(email=DEMO_ADMIN).first()
+            if admin is None:
+                admin = User.objects.create_user(DEMO_ADMIN, full_name="Demo Admin")
+            number = Organization.objects.filter(slug__startswith="demo-").count() + 1
+            organization = services.create_organization(
+                actor=admin, name=f"Demo {number}", slug=f"demo-{number}"
+            )
+            for email in INVITEES:
+                services.invite_member(
+                    actor=admin, organization=organization, email=email, role="member"
+                )
+            services.create_project(
+                actor=admin, organization=organization, name="Launch"
+            )
+        pending = OutboxEvent.objects.filter(status=Status.PENDING).count()
+        self.stdout.write(
+            f"Created {organization.name} ({organization.slug}): invited "
+            f"{len(INVITEES)} people and added a project. {pending} events are "
+            "pending; start the worker to send their emails."
+        )

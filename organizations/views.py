@@ -1,0 +1,161 @@
+"""The JSON API: parse, authorise, call a service, answer.
+
+Every view that names an organization goes through selectors.membership_in,
+which answers 404 for an organization the caller does not belong to and 403
+for a role that may not do this.
+"""
+
+from django.contrib.auth import login
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.http import require_http_methods, require_POST
+
+from config.api import handle_errors, json_api, parse
+from organizations import selectors, services
+from organizations.forms import (
+    AcceptInvitationForm,
+    InvitationForm,
+    OrganizationForm,
+    ProjectForm,
+    RoleForm,
+)
+from organizations.models import Membership, Project
+from users.models import User
+
+
+@require_http_methods(["GET", "POST"])
+@json_api
+def organizations(request: HttpRequest) -> HttpResponse:
+    """List the caller's organizations, or create one with the caller as admin."""
+    user = _user(request)
+    if request.method == "GET":
+        return JsonResponse(
+            {
+                "organizations": [
+                    _organization(m) for m in selectors.memberships_of(user)
+                ]
+            }
+        )
+    data = parse(request, OrganizationForm)
+    organization = services.create_organization(
+        actor=user, name=data["name"], slug=data["slug"]
+    )
+    membership = selectors.membership_in(user, organization.slug)
+    return JsonResponse(_organization(membership), status=201)
+
+
+@require_POST
+@json_api
+def invitations(request: HttpRequest, slug: str) -> HttpResponse:
+    """Invite someone to the organization (admins only)."""
+    user = _user(request)
+    membership = selectors.membership_in(user, slug, roles=selectors.ADMIN)
+    data = parse(request, InvitationForm)
+    invitation = services.invite_member(
+        actor=user,
+        organization=membership.organization,
+        email=data["email"],
+        role=data["role"],
+    )
+    return JsonResponse(
+        {
+            "id": invitation.pk,
+            "email": invitation.email,
+            "role": invitation.role,
+            "expires_at": invitation.expires_at.isoformat(),
+        },
+        status=201,
+    )
+
+
+@require_POST
+@handle_errors
+def accept_invitation(request: HttpRequest) -> HttpResponse:
+    """Join with an invitation link's token; the account is created if new."""
+    data = parse(request, AcceptInvitationForm)
+    membership = services.accept_invitation(
+        token=data["token"], password=data["password"]
+    )
+    login(request, membership.user, backend="django.contrib.auth.backends.ModelBackend")
+    return JsonResponse(_organization(membership), status=201)
+
+
+@require_http_methods(["GET"])
+@json_api
+def members(request: HttpRequest, slug: str) -> HttpResponse:
+    """List the members of an organization the caller belongs to."""
+    membership = selectors.membership_in(_user(request), slug)
+    return JsonResponse(
+        {"members": [_member(m) for m in selectors.members_of(membership)]}
+    )
+
+
+@require_http_methods(["PATCH", "DELETE"])
+@json_api
+def member(request: HttpRequest, slug: str, user_id: int) -> HttpResponse:
+    """Change a member's role, or remove them (admins only)."""
+    user = _user(request)
+    membership = selectors.membership_in(user, slug, roles=selectors.ADMIN)
+    target = selectors.member(membership, user_id)
+    if request.method == "DELETE":
+        services.remove_member(
+            actor=user, organization=membership.organization, member=target
+        )
+        return HttpResponse(status=204)
+    data = parse(request, RoleForm)
+    changed = services.change_role(
+        actor=user,
+        organization=membership.organization,
+        member=target,
+        role=data["role"],
+    )
+    return JsonResponse(_member(changed))
+
+
+@require_http_methods(["GET", "POST"])
+@json_api
+def projects(request: HttpRequest, slug: str) -> HttpResponse:
+    """List the organization's projects, or create one (not viewers)."""
+    user = _user(request)
+    if request.method == "GET":
+        membership = selectors.membership_in(user, slug)
+        return JsonResponse(
+            {"projects": [_project(p) for p in selectors.projects_of(membership)]}
+        )
+    membership = selectors.membership_in(user, slug, roles=selectors.WRITERS)
+    data = parse(request, ProjectForm)
+    project = services.create_project(
+        actor=user, organization=membership.organization, name=data["name"]
+    )
+    return JsonResponse(_project(project), status=201)
+
+
+def _user(request: HttpRequest) -> User:
+    user = request.user
+    assert isinstance(user, User)  # noqa: S101 - json_api let only users through
+    return user
+
+
+def _organization(membership: Membership) -> dict[str, str]:
+    organization = membership.organization
+    return {
+        "name": organization.name,
+        "slug": organization.slug,
+        "role": membership.role,
+    }
+
+
+def _member(membership: Membership) -> dict[str, object]:
+    return {
+        "user_id": membership.user_id,
+        "email": membership.user.email,
+        "full_name": membership.user.full_name,
+        "role": membership.role,
+    }
+
+
+def _project(project: Project) -> dict[str, object]:
+    return {
+        "id": project.pk,
+        "name": project.name,
+        "created_at": project.created_at.isoformat(),
+    }
