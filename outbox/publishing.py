@@ -15,14 +15,11 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connections, router, transaction
 from django.db.models import Exists
 
+from outbox import ordering
 from outbox.conf import get_settings
-from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import UNFINISHED, OutboxEvent
 from outbox.registry import get_handler
 
-#: First half of the advisory lock that serialises publishers of one key
-#: ("ob" in ASCII), so the outbox's locks never collide with an application's.
-KEY_LOCK_CLASS = 0x6F62
 #: Rows per INSERT statement in publish_many().
 INSERT_CHUNK = 1000
 
@@ -88,7 +85,7 @@ def publish(
             if existing:
                 return existing[event.idempotency_key]
         if event.key:
-            _lock_keys([event.key], using)
+            ordering.lock_keys([event.key], using)
             # Publishers of the key hold its lock, so this sees every
             # earlier event of the key that will ever exist.
             event.waiting = Exists(OutboxEvent.objects.unfinished_of_key(event.key))
@@ -186,7 +183,7 @@ def _mark_waiting(events: list[OutboxEvent], using: str) -> None:
     keys = sorted({event.key for event in events if event.key})
     if not keys:
         return
-    _lock_keys(keys, using)
+    ordering.lock_keys(keys, using)
     busy = set(
         OutboxEvent.objects.using(using)
         .filter(key__in=keys, status__in=UNFINISHED)
@@ -213,38 +210,6 @@ def _default_max_attempts(event_type: str) -> int:
     if registered is not None and registered.max_attempts is not None:
         return registered.max_attempts
     return get_settings().max_attempts
-
-
-def _lock_keys(keys: list[str], using: str) -> None:
-    """Serialise publishers of these keys until the caller's transaction ends.
-
-    Ids come from a sequence in insert order, but transactions may commit in
-    the opposite order, and a worker could then handle the later event of a
-    key first. Holding the key's lock until commit makes id order commit
-    order. One call takes its locks in a fixed order; two transactions that
-    publish several keys in opposite orders can still deadlock, like any two
-    transactions locking rows in opposite orders, and PostgreSQL then aborts
-    one of them.
-    """
-    connection = connections[using]
-    if connection.vendor != "postgresql":
-        return  # SQLite's IMMEDIATE transactions already serialise writers.
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT current_setting('transaction_isolation'),"
-            " (SELECT count(pg_advisory_xact_lock(%s, lock)) FROM ("
-            "  SELECT DISTINCT hashtext(key) AS lock"
-            "  FROM unnest(%s::text[]) AS key ORDER BY lock) AS locks)",
-            [KEY_LOCK_CLASS, keys],
-        )
-        isolation = cursor.fetchone()[0]
-    if isolation != "read committed":
-        # The check for earlier events of the key must see what committed
-        # while this transaction waited for the lock; a snapshot taken
-        # before that would let two events of one key run at once.
-        raise UnsupportedIsolationLevel(
-            f"publish() with a key needs READ COMMITTED isolation, not {isolation}."
-        )
 
 
 def _wake_workers_on_commit(using: str) -> None:

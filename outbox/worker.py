@@ -26,14 +26,14 @@ from typing import Any
 
 from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import DateTimeField, ExpressionWrapper, F, Min, Q, Subquery
+from django.db.models import DateTimeField, ExpressionWrapper, F, Q
 from django.db.models.functions import Now
 from django.db.transaction import TransactionManagementError
 
+from outbox import ordering
 from outbox.conf import OutboxSettings, get_settings
 from outbox.errors import HandlerNotFound, LeaseExpired, PermanentFailure, Retry
-from outbox.models import UNFINISHED, OutboxEvent, Status
-from outbox.publishing import KEY_LOCK_CLASS
+from outbox.models import OutboxEvent, Status
 from outbox.registry import HandlerFunction, get_handler
 
 logger = logging.getLogger(__name__)
@@ -161,8 +161,9 @@ class Worker:
                     held_heads[event.key] = event.pk
                 elif event.key:
                     finished_keys.add(event.key)
-            if held_heads:
-                self._keep_heads(held_heads)
+            # A handler may have published behind a head that then did not
+            # finish; such events must wait again.
+            ordering.hold_back_behind(held_heads, self.using)
             if finished_keys:
                 self._promote_next_of_keys(finished_keys)
         logger.info(
@@ -211,19 +212,7 @@ class Worker:
         publisher's event waiting with nothing ahead of it. This backstop
         scans the unfinished keyed events, so it runs once per lease period.
         """
-        heads = (
-            OutboxEvent.objects.using(self.using)
-            .filter(status__in=UNFINISHED)
-            .exclude(key="")
-            .values("key")
-            .annotate(head=Min("id"))
-            .values("head")
-        )
-        promoted = (
-            OutboxEvent.objects.using(self.using)
-            .filter(pk__in=Subquery(heads), waiting=True)
-            .update(waiting=False)
-        )
+        promoted = ordering.promote_orphaned_heads(self.using)
         if promoted:
             logger.warning(
                 "outbox promoted %d orphaned key heads",
@@ -332,52 +321,15 @@ class Worker:
         return outcome
 
     def _promote_next_of_keys(self, keys: set[str]) -> None:
-        """Make the earliest unfinished event of each key claimable.
+        """Make the next event of each finished key claimable.
 
-        Promoting a key's earliest committed unfinished event is always right.
-        A publisher still inside its transaction may add an event this cannot
-        see yet; such a key's lock is busy, so it is checked again next tick.
+        A publisher of the key still inside its transaction may add an event
+        this cannot see yet; such a key's lock is busy, so it is checked
+        again on the next tick (which that publisher's NOTIFY triggers).
         """
-        busy = self._busy_keys(sorted(keys))
-        heads = [
-            Subquery(
-                OutboxEvent.objects.using(self.using)
-                .unfinished_of_key(key)
-                .order_by("id")
-                .values("id")[:1]
-            )
-            for key in keys
-        ]
-        candidates = OutboxEvent.objects.using(self.using).filter(waiting=True)
-        candidates.filter(pk__in=heads).update(waiting=False)  # type: ignore[misc]
+        busy = ordering.busy_keys(keys, self.using)
+        ordering.promote_heads(keys, self.using)
         self._keys_to_recheck = (self._keys_to_recheck - keys) | busy
-
-    def _keep_heads(self, heads: dict[str, int]) -> None:
-        """Hold back events published behind heads that are still unfinished.
-
-        A handler may publish an event of a key whose head is in this batch.
-        The head was marked completed first, so the new event saw no earlier
-        unfinished event and did not wait; if the head is retried or released
-        after all, the new event must wait behind it again.
-        """
-        behind = Q()
-        for key, head in heads.items():
-            behind |= Q(key=key, pk__gt=head)
-        OutboxEvent.objects.using(self.using).filter(
-            behind, status=Status.PENDING, waiting=False
-        ).update(waiting=True)
-
-    def _busy_keys(self, keys: list[str]) -> set[str]:
-        """Take each key's publisher lock if free; return the keys held by others."""
-        if self.connection.vendor != "postgresql":
-            return set()  # SQLite: this transaction already excludes publishers.
-        with self.connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT key FROM unnest(%s::text[]) AS keys(key) "
-                "WHERE NOT pg_try_advisory_xact_lock(%s, hashtext(key))",
-                [keys, KEY_LOCK_CLASS],
-            )
-            return {row[0] for row in cursor.fetchall()}
 
 
 class _HandlerScope:

@@ -1,0 +1,138 @@
+"""Order per key: the locks and the `waiting` flag that keep it.
+
+Events with the same non-empty key run one at a time, in publish order. Two
+rules hold this (docs/architecture.md, "Order per key"):
+
+- Whoever adds or re-opens events of a key (publish(), an operator's retry)
+  holds the key's advisory lock until its transaction ends, so a key's id
+  order is its commit order, and checks for earlier unfinished events under
+  that lock.
+- Only the earliest unfinished event of a key is claimable (waiting=False);
+  whoever finishes or removes a key's head promotes the next one.
+
+Everything that touches `waiting` goes through this module.
+"""
+
+from collections.abc import Collection, Mapping
+
+from django.db import connections
+from django.db.models import Min, Q, Subquery
+
+from outbox.errors import UnsupportedIsolationLevel
+from outbox.models import UNFINISHED, OutboxEvent, Status
+
+#: First half of the advisory lock on a key ("ob" in ASCII), so the outbox's
+#: locks never collide with an application's own advisory locks.
+KEY_LOCK_CLASS = 0x6F62
+
+
+def lock_keys(keys: Collection[str], using: str) -> None:
+    """Hold these keys' locks until the current transaction ends.
+
+    One call takes its locks in a fixed order; two transactions that lock
+    several keys in opposite orders can still deadlock, like any two
+    transactions locking rows in opposite orders, and PostgreSQL then aborts
+    one of them.
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql" or not keys:
+        return  # SQLite's IMMEDIATE transactions already serialise writers.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT current_setting('transaction_isolation'),"
+            " (SELECT count(pg_advisory_xact_lock(%s, lock)) FROM ("
+            "  SELECT DISTINCT hashtext(key) AS lock"
+            "  FROM unnest(%s::text[]) AS key ORDER BY lock) AS locks)",
+            [KEY_LOCK_CLASS, list(keys)],
+        )
+        isolation = cursor.fetchone()[0]
+    if isolation != "read committed":
+        # The check for earlier events of the key must see what committed
+        # while this transaction waited for the lock; a snapshot taken
+        # before that would let two events of one key run at once.
+        raise UnsupportedIsolationLevel(
+            f"Events with a key need READ COMMITTED isolation, not {isolation}."
+        )
+
+
+def busy_keys(keys: Collection[str], using: str) -> set[str]:
+    """Take each key's lock if it is free; return the keys others hold.
+
+    Never waits, so a worker cannot deadlock with a publisher.
+    """
+    connection = connections[using]
+    if connection.vendor != "postgresql" or not keys:
+        return set()  # SQLite: the caller's transaction already excludes them.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT key FROM unnest(%s::text[]) AS keys(key) "
+            "WHERE NOT pg_try_advisory_xact_lock(%s, hashtext(key))",
+            [sorted(keys), KEY_LOCK_CLASS],
+        )
+        return {row[0] for row in cursor.fetchall()}
+
+
+def promote_heads(keys: Collection[str], using: str) -> int:
+    """Make the earliest unfinished event of each key claimable.
+
+    Promoting a key's earliest committed unfinished event is always right; it
+    cannot see events of publishers still inside their transactions, which
+    is why callers that did not lock the keys check busy_keys() first.
+    """
+    if not keys:
+        return 0
+    heads = [
+        Subquery(
+            OutboxEvent.objects.using(using)
+            .unfinished_of_key(key)
+            .order_by("id")
+            .values("id")[:1]
+        )
+        for key in keys
+    ]
+    waiting = OutboxEvent.objects.using(using).filter(waiting=True)
+    return waiting.filter(pk__in=heads).update(waiting=False)  # type: ignore[misc]
+
+
+def hold_back_behind(heads: Mapping[str, int], using: str) -> int:
+    """Make pending events that follow these unfinished heads wait again."""
+    if not heads:
+        return 0
+    behind = Q()
+    for key, head in heads.items():
+        behind |= Q(key=key, pk__gt=head)
+    return (
+        OutboxEvent.objects.using(using)
+        .filter(behind, status=Status.PENDING, waiting=False)
+        .update(waiting=True)
+    )
+
+
+def has_unfinished(key: str, using: str, *, excluding: int | None = None) -> bool:
+    """Return whether key has a pending or processing event (under its lock)."""
+    events = OutboxEvent.objects.using(using).unfinished_of_key(key)
+    if excluding is not None:
+        events = events.exclude(pk=excluding)
+    return events.exists()
+
+
+def promote_orphaned_heads(using: str) -> int:
+    """Give every key with unfinished events a claimable head again.
+
+    The backstop for a worker that died between finishing a key's head and
+    promoting the next one. It scans all unfinished keyed events, so workers
+    run it once per lease period, not on every tick.
+    """
+    heads = (
+        OutboxEvent.objects.using(using)
+        .filter(status__in=UNFINISHED)
+        .exclude(key="")
+        .values("key")
+        .annotate(head=Min("id"))
+        .values("head")
+    )
+    return (
+        OutboxEvent.objects.using(using)
+        .filter(pk__in=Subquery(heads), waiting=True)
+        .update(waiting=False)
+    )
