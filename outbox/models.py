@@ -74,6 +74,12 @@ class OutboxEvent(models.Model):
     available_at = models.DateTimeField(db_default=Now())
     locked_by = models.CharField(max_length=200, blank=True, default="")
     locked_until = models.DateTimeField(null=True, blank=True)
+    # The fencing token of the claim that holds the event: a fresh random
+    # number per claimed batch. A worker records outcomes only on rows that
+    # still carry its token, so one whose lease expired and was taken over
+    # (even by a process misconfigured with the same worker id) changes
+    # nothing.
+    lease_token = models.BigIntegerField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(db_default=Now())
     completed_at = models.DateTimeField(null=True, blank=True)
     last_error = models.TextField(blank=True, default="")

@@ -18,6 +18,7 @@ promotes the next one in the same transaction.
 
 import logging
 import random
+import secrets
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -26,7 +27,7 @@ from typing import Any
 
 from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import DateTimeField, ExpressionWrapper, F, Q
+from django.db.models import DateTimeField, ExpressionWrapper, F
 from django.db.models.functions import Now
 from django.db.transaction import TransactionManagementError
 
@@ -113,10 +114,13 @@ class Worker:
 
     def claim(self) -> list[OutboxEvent]:
         """Lock up to batch_size ready events and lease them to this worker."""
+        token = secrets.randbits(63)
         with transaction.atomic(using=self.using):
             events = list(
                 OutboxEvent.objects.using(self.using)
                 .ready()
+                # Read only on failure, and then loaded on demand.
+                .defer("history")
                 .select_for_update(skip_locked=True)[: self.batch_size]
             )
             if not events:
@@ -128,11 +132,13 @@ class Worker:
                 attempts=F("attempts") + 1,
                 locked_by=self.worker_id,
                 locked_until=self.lease_end(),
+                lease_token=token,
             )
         for event in events:
             event.status = Status.PROCESSING
             event.attempts += 1
             event.locked_by = self.worker_id
+            event.lease_token = token
         return events
 
     def process(self, events: list[OutboxEvent]) -> BatchResult:
@@ -239,14 +245,11 @@ class Worker:
     def _mark_completed(self, events: list[OutboxEvent]) -> list[OutboxEvent]:
         """Mark the events this worker still owns completed; return them.
 
-        The fence is owner and attempt: a worker whose lease expired, and
-        whose event was rescued and claimed again, matches nothing here.
+        The fence is the claim's lease token: a worker whose lease expired,
+        and whose event was rescued and claimed again, matches nothing here.
         """
-        fence = Q()
-        for event in events:
-            fence |= Q(pk=event.pk, attempts=event.attempts)
         owned_rows = OutboxEvent.objects.using(self.using).filter(
-            fence, locked_by=self.worker_id
+            pk__in=[event.pk for event in events], lease_token=events[0].lease_token
         )
         count = owned_rows.filter(status=Status.PROCESSING).update(
             status=Status.COMPLETED, completed_at=Now(), locked_until=None
@@ -277,13 +280,14 @@ class Worker:
         error = scope.run(registered.function, event)
         if error is not None:
             return self._record_failure(event, error)
-        logger.debug(
-            "outbox event completed id=%s type=%s attempt=%d",
-            event.pk,
-            event.event_type,
-            event.attempts,
-            extra={"worker_id": self.worker_id, **event.describe()},
-        )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "outbox event completed id=%s type=%s attempt=%d",
+                event.pk,
+                event.event_type,
+                event.attempts,
+                extra={"worker_id": self.worker_id, **event.describe()},
+            )
         return "completed"
 
     def _record_failure(self, event: OutboxEvent, error: BaseException) -> str:
