@@ -1,76 +1,63 @@
-"""Measure the outbox on PostgreSQL: publish, drain and latency.
+"""Benchmark the outbox on PostgreSQL, beside a raw-SQL ceiling.
 
-    .venv/bin/python benchmarks/run.py [--events 10000] [--batch-size 32] [--json]
+    .venv/bin/python benchmarks/run.py [--quick] [--json results.json]
 
 Creates a database of its own on the server of BENCHMARK_DATABASE_URL
-(default: postgres://postgres@127.0.0.1:5432/postgres), migrates it, runs
-each workload and drops the database. Commits are durable (the server's
-synchronous_commit is left as it is, on by default). The drain and latency
-workloads run the real `manage.py run_outbox_worker` processes.
+(default: postgres://postgres@127.0.0.1:5432/postgres), runs every workload
+twice, prints a table and drops the database. Commits are durable: the
+server's synchronous_commit is left as it is (on by default) and checked.
 """
 
 import argparse
 import json
 import os
+import platform
 import secrets
-import statistics
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SERVER = "postgres://postgres@127.0.0.1:5432/postgres"
-PAYLOAD = {"invitation_id": 12345, "organization_id": 678}
-
-
-@dataclass
-class Measurement:
-    workload: str
-    events: int
-    seconds: float
-    notes: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def rate(self) -> float:
-        return self.events / self.seconds if self.seconds else 0.0
+RUNS = 2
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--events", type=positive, default=10_000, help="(default: %(default)r)"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive, default=32, help="(default: %(default)r)"
-    )
-    parser.add_argument(
-        "--latency-events",
-        type=positive,
-        default=500,
-        help="events published 10 ms apart for the latency run (default: %(default)r)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON, not a table")
-    options = parser.parse_args()
+    options = parse_arguments()
     server = os.environ.get("BENCHMARK_DATABASE_URL", DEFAULT_SERVER)
     name = f"outbox_bench_{os.getpid()}_{secrets.token_hex(3)}"
     with psycopg.connect(server, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        results = run(with_database(server, name), options)
+        report = run(with_database(server, name), options)
     finally:
         with psycopg.connect(server, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    report(results, as_json=options.json)
+    print_table(report)
+    if options.json:
+        Path(options.json).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def run(database_url: str, options: argparse.Namespace) -> list[Measurement]:
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, to check the benchmark itself (figures mean little)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="(default: %(default)r)"
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    return parser.parse_args()
+
+
+def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     os.environ["DATABASE_URL"] = database_url
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
@@ -78,185 +65,115 @@ def run(database_url: str, options: argparse.Namespace) -> list[Measurement]:
 
     django.setup()
     from django.core.management import call_command
+    from django.db import connection
+
+    from benchmarks import workloads as w
 
     call_command("migrate", run_syncdb=True, verbosity=0)
-    events, batch_size = options.events, options.batch_size
-    return [
-        *measure_publish(events),
-        measure_drain(events, batch_size, processes=1),
-        measure_drain(events, batch_size, processes=4),
-        measure_latency(options.latency_events),
-    ]
-
-
-def measure_publish(events: int) -> list[Measurement]:
-    from django.db import transaction
-
-    from outbox import NewEvent, publish, publish_many
-    from outbox.models import OutboxEvent
-
-    def one_per_transaction() -> None:
-        for _ in range(events):
-            publish("benchmark.noop", PAYLOAD)
-
-    def thousand_per_transaction() -> None:
-        for start in range(0, events, 1000):
-            with transaction.atomic():
-                for _ in range(min(1000, events - start)):
-                    publish("benchmark.noop", PAYLOAD)
-
-    def many() -> None:
-        for start in range(0, events, 1000):
-            count = min(1000, events - start)
-            publish_many(NewEvent("benchmark.noop", PAYLOAD) for _ in range(count))
-
-    results = []
-    for name, workload in [
-        ("publish, one per transaction", one_per_transaction),
-        ("publish, 1,000 per transaction", thousand_per_transaction),
-        ("publish_many, 1,000 per call", many),
-    ]:
-        results.append(timed(name, events, workload))
-        OutboxEvent.objects.all().delete()
-    return results
-
-
-def measure_drain(events: int, batch_size: int, *, processes: int) -> Measurement:
-    """Drain no-op events with worker processes; rate from 10 % to 90 % done."""
-    from django.db import connection
-
-    from outbox import NewEvent, publish_many
-    from outbox.models import OutboxEvent
-
-    OutboxEvent.objects.all().delete()
-    for start in range(0, events, 1000):
-        count = min(1000, events - start)
-        publish_many(NewEvent("benchmark.noop", PAYLOAD) for _ in range(count))
     with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE outbox_outboxevent")
-    workers = [
-        start_worker("--drain", "--batch-size", str(batch_size), "-v", "0")
-        for _ in range(processes)
+        cursor.execute("SHOW synchronous_commit")
+        synchronous_commit = cursor.fetchone()[0]
+    quick = options.quick
+    batch = options.batch_size
+    drain_events = 2_000 if quick else 20_000
+    plan: list[tuple[str, Callable[[], Any]]] = [
+        ("ceiling", lambda: w.ceiling(drain_events, batch, database_url)),
+        ("publish", lambda: w.publish_rates(1_000 if quick else 5_000)),
+        ("drain-1", lambda: w.drain(drain_events, batch, 1)),
+        ("drain-4", lambda: w.drain(drain_events, batch, 4)),
+        ("latency", lambda: w.latency(100 if quick else 1_000)),
+        ("scale-0", lambda: w.claim_time(0, batch)),
+        ("scale-1m", lambda: w.claim_time(10_000 if quick else 1_000_000, batch)),
+        (
+            "memory",
+            lambda: w.memory(10_000 if quick else 100_000, 1_000 if quick else 10_000),
+        ),
     ]
-    marks: dict[float, float] = {}
-    started = time.perf_counter()
-    while len(marks) < 2:
-        done = 1 - remaining() / events
-        for mark in (0.1, 0.9):
-            if done >= mark and mark not in marks:
-                marks[mark] = time.perf_counter()
-        time.sleep(0.005)
-    for worker in workers:
-        if worker.wait(timeout=120):
-            raise RuntimeError("a benchmark worker failed")
-    seconds = marks[0.9] - marks[0.1]
-    return Measurement(
-        f"drain, {processes} worker process{'es' if processes > 1 else ''}",
-        int(events * 0.8),
-        seconds,
-        {"total_seconds_with_startup": time.perf_counter() - started},
-    )
-
-
-def remaining() -> int:
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM outbox_outboxevent WHERE status <> 'completed'"
-        )
-        return cursor.fetchone()[0]
-
-
-def measure_latency(events: int) -> Measurement:
-    """Commit to handler start while one worker idles at the default poll."""
-    from django.db import transaction
-
-    from benchmarks.models import HandlerStart
-    from outbox import publish
-
-    worker = start_worker("-v", "0")
-    time.sleep(2)  # let it start and go idle
-    committed: dict[str, float] = {}
-    started = time.perf_counter()
-    try:
-        for _ in range(events):
-            stamp: list[float] = []
-            with transaction.atomic():
-                # Registered before publish()'s wake-up, so it runs first,
-                # right after COMMIT returns.
-                transaction.on_commit(partial(stamp_now, stamp))
-                event = publish("benchmark.clock", {})
-            committed[str(event.uuid)] = stamp[0]
-            time.sleep(0.01)
-        deadline = time.monotonic() + 30
-        while HandlerStart.objects.count() < events and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
-    latencies = sorted(
-        (row.started_at - committed[str(row.event_uuid)]) * 1000
-        for row in HandlerStart.objects.all()
-    )
-    quantiles = statistics.quantiles(latencies, n=100)
-    return Measurement(
-        "latency, commit to handler start",
-        len(latencies),
-        time.perf_counter() - started,
-        {
-            "p50_ms": quantiles[49],
-            "p95_ms": quantiles[94],
-            "p99_ms": quantiles[98],
-            "max_ms": latencies[-1],
+    runs: dict[str, list[list[dict[str, Any]]]] = {}
+    for key, workload in plan:
+        for _ in range(RUNS):
+            result = workload()
+            measurements = result if isinstance(result, list) else [result]
+            runs.setdefault(key, []).append(
+                [{**asdict(m), "rate": m.rate} for m in measurements]
+            )
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "postgresql": connection.cursor().connection.info.server_version,
+            "synchronous_commit": synchronous_commit,
+            "batch_size": batch,
+            "quick": quick,
         },
+        "runs": runs,
+        "targets": targets(runs),
+    }
+
+
+def best(runs: dict[str, Any], key: str, index: int = 0, *, by: str = "rate") -> Any:
+    """Return the better of the runs' measurement (highest rate by default)."""
+    candidates = [run[index] for run in runs[key]]
+    if by == "rate":
+        return max(candidates, key=lambda m: m["rate"])
+    return min(candidates, key=lambda m: m["notes"][by])
+
+
+def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Check the issue's targets with the better run of each workload."""
+    ceiling = best(runs, "ceiling")["rate"]
+    drain_1 = best(runs, "drain-1")["rate"]
+    drain_4 = best(runs, "drain-4")["rate"]
+    latency = best(runs, "latency", by="p50_ms")["notes"]
+    publish_one = min(run[0]["notes"]["time_vs_bare"] for run in runs["publish"])
+    publish_many = max(run[2]["rate"] for run in runs["publish"])
+    scale_0 = best(runs, "scale-0", by="median_ms")["notes"]["median_ms"]
+    scale_1m = best(runs, "scale-1m", by="median_ms")["notes"]["median_ms"]
+    memory = best(runs, "memory", by="growth_mb")["notes"]["growth_mb"]
+    return [
+        check("drain-1 >= 60 % of the ceiling", drain_1 / ceiling, ">=", 0.6),
+        check("drain-4 >= 1.5 x drain-1", drain_4 / drain_1, ">=", 1.5),
+        check("latency p50 <= 2 ms", latency["p50_ms"], "<=", 2.0),
+        check("latency p99 <= 5 ms", latency["p99_ms"], "<=", 5.0),
+        check("publish() <= 1.5 x bare insert time", publish_one, "<=", 1.5),
+        check("publish_many() >= 20,000 events/s", publish_many, ">=", 20_000),
+        check("claim with 1 M completed <= 1.2 x empty", scale_1m / scale_0, "<=", 1.2),
+        check("RSS growth 10 k -> 100 k <= 10 MB", memory, "<=", 10.0),
+    ]
+
+
+def check(name: str, value: float, operator: str, limit: float) -> dict[str, Any]:
+    met = value >= limit if operator == ">=" else value <= limit
+    return {"target": name, "value": round(value, 3), "met": met}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    machine = report["machine"]
+    print(  # noqa: T201 - the command's output
+        f"{machine['cpus']} CPUs, Python {machine['python']}, PostgreSQL "
+        f"{machine['postgresql']}, synchronous_commit={machine['synchronous_commit']}"
     )
-
-
-def stamp_now(stamps: list[float]) -> None:
-    stamps.append(time.time())
-
-
-def start_worker(*arguments: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(  # noqa: S603 - our own interpreter and script
-        [sys.executable, "manage.py", "run_outbox_worker", *arguments],
-        cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "benchmarks.settings"},
-    )
-
-
-def timed(workload: str, events: int, function: Callable[[], object]) -> Measurement:
-    started = time.perf_counter()
-    function()
-    return Measurement(workload, events, time.perf_counter() - started)
+    header = f"{'workload':<46} {'run':>3} {'events':>8} {'seconds':>8} {'per s':>9}"
+    print(f"{header}  notes")  # noqa: T201
+    for runs in report["runs"].values():
+        for number, measurements in enumerate(runs, start=1):
+            for m in measurements:
+                notes = "  ".join(
+                    f"{key}={value:,.2f}" for key, value in m["notes"].items()
+                )
+                print(  # noqa: T201
+                    f"{m['workload']:<46} {number:>3} {m['events']:>8} "
+                    f"{m['seconds']:>8.3f} {m['rate']:>9,.0f}  {notes}"
+                )
+    print()  # noqa: T201
+    for target in report["targets"]:
+        verdict = "met" if target["met"] else "MISSED"
+        print(f"{target['target']:<46} {target['value']:>10,.3f}  {verdict}")  # noqa: T201
 
 
 def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a positive integer")
-    return value
-
-
-def report(results: list[Measurement], *, as_json: bool) -> None:
-    if as_json:
-        rows = [
-            {**asdict(result), "events_per_second": result.rate} for result in results
-        ]
-        print(json.dumps(rows, indent=2))  # noqa: T201 - the command's output
-        return
-    print(f"{'workload':<34} {'events':>8} {'seconds':>9} {'events/s':>10}  notes")  # noqa: T201
-    for result in results:
-        notes = "  ".join(f"{name}={value:.2f}" for name, value in result.notes.items())
-        print(  # noqa: T201
-            f"{result.workload:<34} {result.events:>8} {result.seconds:>9.3f} "
-            f"{result.rate:>10,.0f}  {notes}"
-        )
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
 if __name__ == "__main__":

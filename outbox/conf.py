@@ -4,6 +4,7 @@ Read on use, never at import, so override_settings works and a broken value
 is reported by the system checks (checks.py) rather than by an import error.
 """
 
+import functools
 import os
 import socket
 from dataclasses import dataclass, fields
@@ -11,6 +12,8 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 
 POSITIVE_INTEGERS = (
     "POLL_MS",
@@ -70,7 +73,22 @@ def problems(raw: dict[str, Any]) -> list[str]:
 
 
 def get_settings() -> OutboxSettings:
-    """Return the validated outbox settings, raising on an invalid value."""
+    """Return the validated outbox settings, raising on an invalid value.
+
+    Cached (publish() reads them for every event) until a test overrides
+    the setting.
+    """
+    return _load()
+
+
+@receiver(setting_changed)
+def _forget_cached_settings(*, setting: str, **kwargs: Any) -> None:
+    if setting == "OUTBOX":
+        _load.cache_clear()
+
+
+@functools.cache
+def _load() -> OutboxSettings:
     raw: dict[str, Any] = dict(getattr(settings, "OUTBOX", None) or {})
     found = problems(raw)
     if found:

@@ -57,8 +57,9 @@ class OutboxEvent(models.Model):
         help_text="Events with the same non-empty key are handled one at a time, "
         "in publish order.",
     )
-    idempotency_key = models.CharField(
-        max_length=200, null=True, blank=True, unique=True
+    # NULL, not "", means none, so the partial unique index skips it.
+    idempotency_key = models.CharField(  # noqa: DJ001
+        max_length=200, null=True, blank=True
     )
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.PENDING
@@ -117,6 +118,13 @@ class OutboxEvent(models.Model):
             ),
         ]
         constraints: ClassVar = [
+            # Partial, so the many events without one add no index entry on
+            # every insert and every status change.
+            models.UniqueConstraint(
+                fields=("idempotency_key",),
+                condition=Q(idempotency_key__isnull=False),
+                name="outbox_idempotency_key_unique",
+            ),
             models.CheckConstraint(
                 condition=Q(status__in=Status.values), name="outbox_status_valid"
             ),

@@ -79,7 +79,10 @@ def publish(
         event_type, payload, key, idempotency_key, available_at, max_attempts
     ).build()
     using = router.db_for_write(OutboxEvent)
-    with _in_transaction(using):
+    # A plain event needs no transaction of its own: in autocommit mode its
+    # INSERT is one. A key's lock must cover the insert, so a keyed event
+    # outside the caller's transaction gets one.
+    with _in_transaction(using) if event.key else nullcontext():
         if event.idempotency_key is not None:
             existing = _existing_events([event.idempotency_key], using)
             if existing:

@@ -72,6 +72,7 @@ class Runner:
             try:
                 self._loop()
             finally:
+                self._release_claimed_ahead()
                 self._stopping.set()
                 heartbeat.join(self._heartbeat_every + 1)
                 self._unregister()
@@ -140,6 +141,18 @@ class Runner:
             )
             return True
         return False
+
+    def _release_claimed_ahead(self) -> None:
+        try:
+            released = self.worker.release_claimed_ahead()
+        except DatabaseError as error:
+            logger.warning(
+                "outbox could not release the batch claimed ahead (%s); its "
+                "lease will expire",
+                type(error).__name__,
+            )
+            return
+        self.total.released += released
 
     def _discard_broken_connection(self) -> None:
         """Close the claiming connection, so the next tick opens a new one."""

@@ -37,6 +37,7 @@ def drain(
         if not result.claimed:
             break
         total += result
+    total.released += worker.release_claimed_ahead()
     return total
 
 

@@ -90,6 +90,7 @@ class Worker:
         self._sweep_every = self.lease.total_seconds()
         self._next_sweep = 0.0
         self._keys_to_recheck: set[str] = set()
+        self._claimed_ahead: list[OutboxEvent] = []
 
     @property
     def connection(self) -> BaseDatabaseWrapper:
@@ -107,33 +108,47 @@ class Worker:
         if self._keys_to_recheck:
             with transaction.atomic(using=self.using):
                 self._promote_next_of_keys(self._keys_to_recheck)
-        events = self.claim()
+        events, self._claimed_ahead = self._claimed_ahead or self.claim(), []
         if not events:
             return BatchResult()
         return self.process(events)
 
+    def release_claimed_ahead(self) -> int:
+        """Give back the batch claimed for the next tick; call before stopping."""
+        events, self._claimed_ahead = self._claimed_ahead, []
+        if events:
+            with transaction.atomic(using=self.using):
+                owned = self._mark_completed(events)
+                for event in owned:
+                    event.release()
+        return len(events)
+
     def claim(self) -> list[OutboxEvent]:
         """Lock up to batch_size ready events and lease them to this worker."""
-        token = secrets.randbits(63)
         with transaction.atomic(using=self.using):
-            events = list(
-                OutboxEvent.objects.using(self.using)
-                .ready()
-                # Read only on failure, and then loaded on demand.
-                .defer("history")
-                .select_for_update(skip_locked=True)[: self.batch_size]
-            )
-            if not events:
-                return []
-            OutboxEvent.objects.using(self.using).filter(
-                pk__in=[event.pk for event in events]
-            ).update(
-                status=Status.PROCESSING,
-                attempts=F("attempts") + 1,
-                locked_by=self.worker_id,
-                locked_until=self.lease_end(),
-                lease_token=token,
-            )
+            return self._claim()
+
+    def _claim(self) -> list[OutboxEvent]:
+        """Lock and lease a batch inside the caller's transaction."""
+        events = list(
+            OutboxEvent.objects.using(self.using)
+            .ready()
+            # Read only on failure, and then loaded on demand.
+            .defer("history")
+            .select_for_update(skip_locked=True)[: self.batch_size]
+        )
+        if not events:
+            return []
+        token = secrets.randbits(63)
+        OutboxEvent.objects.using(self.using).filter(
+            pk__in=[event.pk for event in events]
+        ).update(
+            status=Status.PROCESSING,
+            attempts=F("attempts") + 1,
+            locked_by=self.worker_id,
+            locked_until=self.lease_end(),
+            lease_token=token,
+        )
         for event in events:
             event.status = Status.PROCESSING
             event.attempts += 1
@@ -152,9 +167,14 @@ class Worker:
             finished_keys: set[str] = set()
             held_heads: dict[str, int] = {}
             for index, event in enumerate(owned):
-                if self.stop_requested.is_set() or scope.exhausted:
-                    # Stopping, or the transaction has as many subtransactions
-                    # as PostgreSQL caches: give the rest back, uncharged.
+                if (
+                    self.stop_requested.is_set()
+                    or scope.exhausted
+                    or index >= self.batch_size
+                ):
+                    # Stopping, the transaction has as many subtransactions as
+                    # PostgreSQL caches, or the batch claimed ahead is larger
+                    # than the current limit: give the rest back, uncharged.
                     for unstarted in owned[index:]:
                         unstarted.release()
                         if unstarted.key:
@@ -172,6 +192,12 @@ class Worker:
             ordering.hold_back_behind(held_heads, self.using)
             if finished_keys:
                 self._promote_next_of_keys(finished_keys)
+            # A full batch suggests more work: claim the next one here, so its
+            # lease commits with these outcomes, one commit per batch instead
+            # of two. Its locks are held only from here to the commit.
+            full = len(events) == self.batch_size and not result.released
+            ahead = self._claim() if full and not self.stop_requested.is_set() else []
+        self._claimed_ahead = ahead
         logger.info(
             "outbox batch claimed=%d completed=%d retried=%d failed=%d "
             "released=%d lost=%d duration_ms=%.1f",

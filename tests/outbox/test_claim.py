@@ -262,3 +262,47 @@ def test_backoff__grows_exponentially_with_jitter_and_a_cap() -> None:
         delays = [worker.backoff(attempt).total_seconds() for _ in range(50)]
         assert all(ceiling / 2 <= delay <= ceiling for delay in delays)
         assert len(set(delays)) > 1
+
+
+@pytest.mark.sqlite
+def test_full_batch__claims_the_next_one_in_the_same_transaction(register_handler):
+    register_handler("noop", lambda event: None)
+    for _ in range(5):
+        publish("noop", {})
+    worker = Worker(worker_id="w", batch_size=2)
+
+    first = worker.run_once()
+
+    assert (first.claimed, first.completed) == (2, 2)
+    statuses = list(OutboxEvent.objects.order_by("id").values_list("status", flat=True))
+    assert statuses == ["completed", "completed", "processing", "processing", "pending"]
+    assert worker.release_claimed_ahead() == 2
+    assert OutboxEvent.objects.filter(status=Status.PENDING, attempts=0).count() == 3
+
+
+@pytest.mark.sqlite
+def test_partial_batch__claims_nothing_ahead(register_handler):
+    register_handler("noop", lambda event: None)
+    for _ in range(3):
+        publish("noop", {})
+    worker = Worker(batch_size=5)
+
+    worker.run_once()
+
+    assert worker.release_claimed_ahead() == 0
+    assert not OutboxEvent.objects.exclude(status=Status.COMPLETED).exists()
+
+
+@pytest.mark.sqlite
+def test_batch_claimed_ahead__is_cut_to_a_smaller_limit(register_handler):
+    register_handler("noop", lambda event: None)
+    for _ in range(6):
+        publish("noop", {})
+    worker = Worker(batch_size=3)
+    worker.run_once()  # handles 3, claims 3 ahead
+
+    worker.batch_size = 1
+    result = worker.run_once()
+
+    assert (result.completed, result.released) == (1, 2)
+    assert OutboxEvent.objects.filter(status=Status.PENDING, attempts=0).count() == 2

@@ -159,3 +159,25 @@ def test_deferred_constraint__fails_only_the_handler_that_broke_it(register_hand
     bad.refresh_from_db()
     assert "ForeignKeyViolation" in bad.last_error or "foreign key" in bad.last_error
     assert SideEffect.objects.filter(event_uuid__in=[e.uuid for e in good]).count() == 3
+
+
+def test_batch_claimed_ahead__is_lost_with_a_commit_that_fails(
+    register_handler, monkeypatch
+):
+    register_handler("effect", record_worker)
+    publish("effect", {})
+    later = publish("effect", {})
+    worker = Worker(worker_id="w", batch_size=1)
+    claimed = worker.claim()
+
+    def lose_the_connection() -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(connection, "commit", lose_the_connection)
+    with pytest.raises(OperationalError):
+        worker.process(claimed)
+    monkeypatch.undo()
+
+    later.refresh_from_db()
+    assert (later.status, later.attempts) == (Status.PENDING, 0)
+    assert worker.release_claimed_ahead() == 0

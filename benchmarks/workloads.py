@@ -1,0 +1,348 @@
+"""The benchmark's workloads. Each returns Measurements; run.py prints them.
+
+Every workload uses what users run: publish(), publish_many() and real
+`manage.py run_outbox_worker` processes. The ceiling alone is raw psycopg:
+the least a safe outbox worker must do per batch, on the same table.
+"""
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from django.db import connection, transaction
+
+from benchmarks.models import BareRow, HandlerStart
+from outbox import NewEvent, publish, publish_many
+from outbox.models import OutboxEvent
+
+ROOT = Path(__file__).resolve().parent.parent
+PAYLOAD = {"invitation_id": 12345, "organization_id": 678, "role": "member"}
+
+
+@dataclass
+class Measurement:
+    workload: str
+    events: int
+    seconds: float
+    notes: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+
+# --- helpers ----------------------------------------------------------------
+
+
+def reset() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE outbox_outboxevent, benchmarks_handlerstart")
+        cursor.execute("TRUNCATE benchmarks_barerow")
+
+
+def fill(events: int, event_type: str = "benchmark.noop") -> None:
+    for start in range(0, events, 1000):
+        count = min(1000, events - start)
+        publish_many(NewEvent(event_type, PAYLOAD) for _ in range(count))
+    vacuum()
+
+
+def vacuum() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE outbox_outboxevent")
+
+
+def not_completed() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM outbox_outboxevent WHERE status <> 'completed'"
+        )
+        return int(cursor.fetchone()[0])
+
+
+def start_worker(*arguments: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "manage.py", "run_outbox_worker", "-v", "0", *arguments],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "benchmarks.settings"},
+    )
+
+
+def timed(name: str, events: int, function: Any) -> Measurement:
+    started = time.perf_counter()
+    function()
+    return Measurement(name, events, time.perf_counter() - started)
+
+
+# --- ceiling ------------------------------------------------------------------
+
+CEILING_CLAIM = """
+UPDATE outbox_outboxevent SET status = 'processing', attempts = attempts + 1,
+       locked_by = 'ceiling', locked_until = now() + interval '60 seconds'
+ WHERE id IN (SELECT id FROM outbox_outboxevent
+               WHERE status = 'pending' AND NOT waiting AND available_at <= now()
+               ORDER BY available_at, id LIMIT %s FOR UPDATE SKIP LOCKED)
+RETURNING id, uuid, event_type, payload, key, attempts
+"""
+CEILING_COMPLETE = """
+UPDATE outbox_outboxevent SET status = 'completed', completed_at = now(),
+       locked_until = NULL
+ WHERE id = ANY(%s) AND locked_by = 'ceiling' AND status = 'processing'
+"""
+
+
+def ceiling(events: int, batch_size: int, database_url: str) -> Measurement:
+    """Claim with one UPDATE ... SKIP LOCKED ... RETURNING, complete with one more.
+
+    Each statement is its own durable transaction (autocommit), as a raw
+    worker with no handler would do it: the denominator of the ratios.
+    """
+    reset()
+    fill(events)
+    with psycopg.connect(database_url, autocommit=True) as raw:
+        started = time.perf_counter()
+        while True:
+            rows = raw.execute(CEILING_CLAIM, [batch_size]).fetchall()
+            if not rows:
+                break
+            raw.execute(CEILING_COMPLETE, [[row[0] for row in rows]])
+        seconds = time.perf_counter() - started
+    return Measurement(f"ceiling, raw SQL, batch {batch_size}", events, seconds)
+
+
+# --- publish ------------------------------------------------------------------
+
+
+def publish_rates(events: int) -> list[Measurement]:
+    """publish() and publish_many() next to bare ORM inserts of the same rows."""
+    reset()
+    results = []
+    for name, ours, bare in [
+        (
+            "publish, 1 per transaction",
+            partial(_one_per_transaction, events, _publish_one),
+            partial(_one_per_transaction, events, _insert_one),
+        ),
+        (
+            "publish, 1,000 per transaction",
+            partial(_thousand_per_transaction, events, _publish_one),
+            partial(_thousand_per_transaction, events, _insert_one),
+        ),
+        (
+            "publish_many, 1,000 per call",
+            partial(_in_thousands, events, _publish_many),
+            partial(_in_thousands, events, _bulk_create),
+        ),
+    ]:
+        measured = timed(name, events, ours)
+        baseline = timed(name, events, bare)
+        measured.notes = {
+            "bare_insert_per_s": baseline.rate,
+            "time_vs_bare": measured.seconds / baseline.seconds,
+        }
+        results.append(measured)
+        reset()
+    return results
+
+
+def _one_per_transaction(events: int, insert: Any) -> None:
+    for _ in range(events):
+        insert()
+
+
+def _thousand_per_transaction(events: int, insert: Any) -> None:
+    for start in range(0, events, 1000):
+        with transaction.atomic():
+            for _ in range(min(1000, events - start)):
+                insert()
+
+
+def _in_thousands(events: int, insert_many: Any) -> None:
+    for start in range(0, events, 1000):
+        insert_many(min(1000, events - start))
+
+
+def _publish_one() -> None:
+    publish("benchmark.noop", PAYLOAD)
+
+
+def _insert_one() -> None:
+    BareRow.objects.create(event_type="benchmark.noop", payload=PAYLOAD)
+
+
+def _publish_many(count: int) -> None:
+    publish_many(NewEvent("benchmark.noop", PAYLOAD) for _ in range(count))
+
+
+def _bulk_create(count: int) -> None:
+    BareRow.objects.bulk_create(
+        BareRow(event_type="benchmark.noop", payload=PAYLOAD) for _ in range(count)
+    )
+
+
+# --- drain ------------------------------------------------------------------
+
+
+def drain(events: int, batch_size: int, processes: int) -> Measurement:
+    """Drain no-op events with worker processes; the rate from 10 % to 90 %."""
+    reset()
+    fill(events)
+    workers = [
+        start_worker("--drain", "--batch-size", str(batch_size))
+        for _ in range(processes)
+    ]
+    started = time.perf_counter()
+    marks: dict[float, float] = {}
+    while len(marks) < 2:
+        done = 1 - not_completed() / events
+        for mark in (0.1, 0.9):
+            if done >= mark and mark not in marks:
+                marks[mark] = time.perf_counter()
+        time.sleep(0.002)
+    for worker in workers:
+        if worker.wait(timeout=300):
+            raise RuntimeError("a benchmark worker failed")
+    plural = "es" if processes > 1 else ""
+    return Measurement(
+        f"drain, {processes} worker process{plural}, batch {batch_size}",
+        int(events * 0.8),
+        marks[0.9] - marks[0.1],
+        {"seconds_with_startup": time.perf_counter() - started},
+    )
+
+
+# --- latency ------------------------------------------------------------------
+
+
+def latency(events: int) -> Measurement:
+    """Commit to handler start, events 10 ms apart, one idle worker."""
+    reset()
+    worker = start_worker()
+    time.sleep(2)  # started and idle, waiting with the default poll interval
+    committed: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        for _ in range(events):
+            stamp: list[float] = []
+            with transaction.atomic():
+                # Registered before publish()'s wake-up, so it runs first,
+                # right after COMMIT returns.
+                transaction.on_commit(partial(_stamp, stamp))
+                event = publish("benchmark.clock", {})
+            committed[str(event.uuid)] = stamp[0]
+            time.sleep(0.01)
+        deadline = time.monotonic() + 30
+        while HandlerStart.objects.count() < events and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    latencies = sorted(
+        (row.started_at - committed[str(row.event_uuid)]) * 1000
+        for row in HandlerStart.objects.all()
+    )
+    cuts = statistics.quantiles(latencies, n=100)
+    return Measurement(
+        "latency, commit to handler start",
+        len(latencies),
+        time.perf_counter() - started,
+        {
+            "p50_ms": cuts[49],
+            "p95_ms": cuts[94],
+            "p99_ms": cuts[98],
+            "max_ms": latencies[-1],
+        },
+    )
+
+
+def _stamp(stamps: list[float]) -> None:
+    stamps.append(time.time())
+
+
+# --- scale ------------------------------------------------------------------
+
+
+def claim_time(completed_rows: int, batch_size: int) -> Measurement:
+    """Median time of the worker's claim query beside completed_rows old events."""
+    from outbox.worker import Worker
+
+    reset()
+    if completed_rows:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO outbox_outboxevent (uuid, event_type, payload, key,"
+                " status, waiting, attempts, max_attempts, available_at,"
+                " locked_by, created_at, completed_at, last_error, history)"
+                " SELECT gen_random_uuid(), 'benchmark.noop', '{}', '', 'completed',"
+                " false, 1, 10, now(), 'old', now(), now(), '', '[]'"
+                " FROM generate_series(1, %s)",
+                [completed_rows],
+            )
+    fill(5000)
+    worker = Worker(worker_id="scale", batch_size=batch_size)
+    timings = []
+    for _ in range(100):
+        with transaction.atomic():
+            started = time.perf_counter()
+            list(
+                OutboxEvent.objects.ready()
+                .defer("history")
+                .select_for_update(skip_locked=True)[: worker.batch_size]
+            )
+            timings.append(time.perf_counter() - started)
+            transaction.set_rollback(True)
+    median = statistics.median(timings)
+    return Measurement(
+        f"claim query, {completed_rows:,} completed rows",
+        batch_size,
+        median,
+        {"median_ms": median * 1000},
+    )
+
+
+# --- memory -----------------------------------------------------------------
+
+
+def memory(events: int, early: int) -> Measurement:
+    """Peak RSS of one worker after `early` events and after all of them."""
+    reset()
+    fill(events)
+    worker = start_worker("--drain")
+    peaks: dict[str, float] = {}
+    started = time.perf_counter()
+    while worker.poll() is None:
+        done = events - not_completed()
+        peak = _peak_rss_mb(worker.pid)
+        if peak is not None:
+            if done >= early and "early" not in peaks:
+                peaks["early"] = peak
+            peaks["last"] = peak
+        time.sleep(0.02)
+    return Measurement(
+        f"memory, worker peak RSS, {early:,} then {events:,} events",
+        events,
+        time.perf_counter() - started,
+        {
+            f"rss_mb_after_{early}": peaks.get("early", 0.0),
+            f"rss_mb_after_{events}": peaks.get("last", 0.0),
+            "growth_mb": peaks.get("last", 0.0) - peaks.get("early", 0.0),
+        },
+    )
+
+
+def _peak_rss_mb(pid: int) -> float | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
