@@ -34,7 +34,6 @@ class OutboxSettings:
     backoff_base_ms: int = 1000
     backoff_cap_ms: int = 60_000
     worker_id: str = ""
-    channel: str = "outbox"
     listen: bool = True
 
     @property
@@ -58,15 +57,8 @@ def problems(raw: dict[str, Any]) -> list[str]:
                 f"settings.OUTBOX[{name!r}] (environment variable OUTBOX_{name}) "
                 f"must be a positive integer, got {raw[name]!r}."
             )
-    for name in ("WORKER_ID", "CHANNEL"):
-        if name in raw and not isinstance(raw[name], str):
-            messages.append(f"settings.OUTBOX[{name!r}] must be a string.")
-    channel = raw.get("CHANNEL", "outbox")
-    if isinstance(channel, str) and not channel.isidentifier():
-        messages.append(
-            f"settings.OUTBOX['CHANNEL'] must be a plain identifier (letters, "
-            f"digits, underscores), got {channel!r}."
-        )
+    if "WORKER_ID" in raw and not isinstance(raw["WORKER_ID"], str):
+        messages.append("settings.OUTBOX['WORKER_ID'] must be a string.")
     if "LISTEN" in raw and not isinstance(raw["LISTEN"], bool):
         messages.append("settings.OUTBOX['LISTEN'] must be True or False.")
     return messages

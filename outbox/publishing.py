@@ -1,7 +1,8 @@
 """publish() and publish_many(): write events in the caller's transaction.
 
-Workers are woken once the transaction commits (PostgreSQL NOTIFY), and never
-for a transaction that rolls back.
+On PostgreSQL a trigger on the outbox table (migration 0005) sends NOTIFY
+inside the inserting transaction: workers wake when it commits, once however
+many events it wrote, and never for a transaction that rolls back.
 """
 
 import json
@@ -93,7 +94,6 @@ def publish(
             # earlier event of the key that will ever exist.
             event.waiting = Exists(OutboxEvent.objects.unfinished_of_key(event.key))
         event = _insert_one(event, using)
-        _wake_workers_on_commit(using)
     return event
 
 
@@ -122,8 +122,6 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
         for event in fresh:
             if event.idempotency_key:
                 stored[event.idempotency_key] = event
-        if fresh:
-            _wake_workers_on_commit(using)
     return [
         stored[event.idempotency_key] if event.idempotency_key else event
         for event in built
@@ -215,21 +213,14 @@ def _default_max_attempts(event_type: str) -> int:
     return get_settings().max_attempts
 
 
-def _wake_workers_on_commit(using: str) -> None:
+def notify_workers(using: str) -> None:
+    """Wake listening workers when the current transaction commits.
+
+    Inserting events needs no call: a trigger on the outbox table notifies
+    (see migration 0005). Use this after making existing events ready, as an
+    operator's retry does.
+    """
     connection = connections[using]
-    if connection.vendor != "postgresql":
-        return  # Workers on SQLite poll.
-    # One wake-up per transaction, however many events it publishes.
-    if not any(isinstance(entry[1], _Notify) for entry in connection.run_on_commit):
-        transaction.on_commit(_Notify(using), using=using, robust=True)
-
-
-class _Notify:
-    """Tell listening workers that events were committed."""
-
-    def __init__(self, using: str) -> None:
-        self.using = using
-
-    def __call__(self) -> None:
-        with connections[self.using].cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, '')", [get_settings().channel])
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, '')", [OutboxEvent._meta.db_table])

@@ -53,7 +53,7 @@ class Runner:
         self.options = options
         self.waiter = Waiter(
             using=worker.using,
-            channel=worker.settings.channel,
+            channel=OutboxEvent._meta.db_table,
             listen=options.listen,
             name=worker.worker_id,
         )

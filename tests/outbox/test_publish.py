@@ -149,7 +149,7 @@ def test_publish__keyed_events_wait_behind_the_keys_first() -> None:
     assert list(OutboxEvent.objects.ready()) == [first, other, unkeyed]
 
 
-def listen(channel: str = "outbox") -> psycopg.Connection:
+def listen(channel: str = "outbox_outboxevent") -> psycopg.Connection:
     settings = connection.settings_dict
     listener = psycopg.connect(
         host=settings["HOST"] or "127.0.0.1",

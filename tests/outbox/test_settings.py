@@ -54,8 +54,7 @@ def test_check__rejects_what_is_not_a_positive_integer(value) -> None:
     ("outbox", "message"),
     [
         ({"POLL": 5}, "['POLL'] is not a known setting"),
-        ({"CHANNEL": "no spaces"}, "plain identifier"),
-        ({"CHANNEL": 5}, "must be a string"),
+        ({"WORKER_ID": 5}, "must be a string"),
         ({"LISTEN": "yes"}, "True or False"),
     ],
 )

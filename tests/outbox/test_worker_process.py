@@ -74,7 +74,7 @@ def test_max_events__stops_after_that_many(workers):
 
 def test_wakeup__handles_a_committed_event_without_waiting_for_the_poll(workers):
     worker = start(workers, "--poll-ms", "30000")
-    worker.wait_for_output("outbox listening on channel outbox")
+    worker.wait_for_output("outbox listening on channel outbox_outboxevent")
     time.sleep(0.2)  # idle, inside its 30 s wait
 
     published_at = time.time()
