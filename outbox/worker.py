@@ -27,11 +27,12 @@ from typing import Any
 
 from django.db import connections, router, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import DateTimeField, ExpressionWrapper, F
+from django.db.models import DateTimeField, ExpressionWrapper, F, QuerySet
 from django.db.models.functions import Now
 from django.db.transaction import TransactionManagementError
 
 from outbox import ordering
+from outbox.compiled import CompiledUpdate
 from outbox.conf import OutboxSettings, get_settings
 from outbox.errors import HandlerNotFound, LeaseExpired, PermanentFailure, Retry
 from outbox.models import OutboxEvent, Status
@@ -91,6 +92,9 @@ class Worker:
         self._next_sweep = 0.0
         self._keys_to_recheck: set[str] = set()
         self._claimed_ahead: list[OutboxEvent] = []
+        self._compiled_ready: dict[int, tuple[str, tuple[Any, ...]]] = {}
+        self._lease_update = CompiledUpdate(self._lease, using=self.using)
+        self._completion_update = CompiledUpdate(self._complete, using=self.using)
 
     @property
     def connection(self) -> BaseDatabaseWrapper:
@@ -130,31 +134,36 @@ class Worker:
 
     def _claim(self) -> list[OutboxEvent]:
         """Lock and lease a batch inside the caller's transaction."""
-        events = list(
-            OutboxEvent.objects.using(self.using)
-            .ready()
-            # Read only on failure, and then loaded on demand.
-            .defer("history")
-            .select_for_update(skip_locked=True)[: self.batch_size]
-        )
+        events = list(OutboxEvent.objects.using(self.using).raw(*self._ready_sql()))
         if not events:
             return []
         token = secrets.randbits(63)
-        OutboxEvent.objects.using(self.using).filter(
-            pk__in=[event.pk for event in events]
-        ).update(
-            status=Status.PROCESSING,
-            attempts=F("attempts") + 1,
-            locked_by=self.worker_id,
-            locked_until=self.lease_end(),
-            lease_token=token,
-        )
+        self._lease_update.run([event.pk for event in events], token)
         for event in events:
             event.status = Status.PROCESSING
             event.attempts += 1
             event.locked_by = self.worker_id
             event.lease_token = token
         return events
+
+    def _ready_sql(self) -> tuple[str, tuple[Any, ...]]:
+        """Return the claim's SELECT ... FOR UPDATE SKIP LOCKED, compiled once.
+
+        The ORM's select_for_update(skip_locked=True) query never changes
+        for a batch size; compiling it for every batch cost more than running
+        it. raw() turns its rows back into events.
+        """
+        if self.batch_size not in self._compiled_ready:
+            ready = (
+                OutboxEvent.objects.using(self.using)
+                .ready()
+                # Read only on failure, and then loaded on demand.
+                .defer("history")
+                .select_for_update(skip_locked=True)[: self.batch_size]
+            )
+            compiler = ready.query.get_compiler(using=self.using)
+            self._compiled_ready[self.batch_size] = compiler.as_sql()
+        return self._compiled_ready[self.batch_size]
 
     def process(self, events: list[OutboxEvent]) -> BatchResult:
         """Run the handlers of claimed events and record every outcome."""
@@ -163,9 +172,41 @@ class Worker:
         with transaction.atomic(using=self.using):
             owned = self._mark_completed(events)
             result.lost = len(events) - len(owned)
-            scope = _HandlerScope(self.using)
-            finished_keys: set[str] = set()
-            held_heads: dict[str, int] = {}
+            finished_keys, held_heads = self._handle_all(owned, result)
+            # A handler may have published behind a head that then did not
+            # finish; such events must wait again.
+            ordering.hold_back_behind(held_heads, self.using)
+            if finished_keys:
+                self._promote_next_of_keys(finished_keys)
+            # A full batch suggests more work: claim the next one here, so its
+            # lease commits with these outcomes, one commit per batch instead
+            # of two. Its locks are held only from here to the commit.
+            full = len(events) == self.batch_size and not result.released
+            ahead = self._claim() if full and not self.stop_requested.is_set() else []
+        self._claimed_ahead = ahead
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "outbox batch claimed=%d completed=%d retried=%d failed=%d "
+                "released=%d lost=%d duration_ms=%.1f",
+                result.claimed,
+                result.completed,
+                result.retried,
+                result.failed,
+                result.released,
+                result.lost,
+                (time.monotonic() - started) * 1000,
+                extra={"worker_id": self.worker_id, **vars(result)},
+            )
+        return result
+
+    def _handle_all(
+        self, owned: list[OutboxEvent], result: BatchResult
+    ) -> tuple[set[str], dict[str, int]]:
+        """Run each handler; return the keys finished and the heads held."""
+        finished_keys: set[str] = set()
+        held_heads: dict[str, int] = {}
+        scope = _HandlerScope(self.using)
+        with self.connection.execute_wrapper(scope):
             for index, event in enumerate(owned):
                 if (
                     self.stop_requested.is_set()
@@ -187,30 +228,7 @@ class Worker:
                     held_heads[event.key] = event.pk
                 elif event.key:
                     finished_keys.add(event.key)
-            # A handler may have published behind a head that then did not
-            # finish; such events must wait again.
-            ordering.hold_back_behind(held_heads, self.using)
-            if finished_keys:
-                self._promote_next_of_keys(finished_keys)
-            # A full batch suggests more work: claim the next one here, so its
-            # lease commits with these outcomes, one commit per batch instead
-            # of two. Its locks are held only from here to the commit.
-            full = len(events) == self.batch_size and not result.released
-            ahead = self._claim() if full and not self.stop_requested.is_set() else []
-        self._claimed_ahead = ahead
-        logger.info(
-            "outbox batch claimed=%d completed=%d retried=%d failed=%d "
-            "released=%d lost=%d duration_ms=%.1f",
-            result.claimed,
-            result.completed,
-            result.retried,
-            result.failed,
-            result.released,
-            result.lost,
-            (time.monotonic() - started) * 1000,
-            extra={"worker_id": self.worker_id, **vars(result)},
-        )
-        return result
+        return finished_keys, held_heads
 
     def rescue_expired(self) -> int:
         """Return events of dead workers to pending, or fail them if used up."""
@@ -265,6 +283,31 @@ class Worker:
         jittered = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - not crypto
         return timedelta(milliseconds=jittered)
 
+    def _lease(
+        self, ids: list[int], token: int
+    ) -> tuple[QuerySet[OutboxEvent], dict[str, Any]]:
+        """The claim's UPDATE: processing, attempt counted, leased to us."""
+        return OutboxEvent.objects.using(self.using).filter(pk__in=ids), {
+            "status": Status.PROCESSING,
+            "attempts": F("attempts") + 1,
+            "locked_by": self.worker_id,
+            "locked_until": self.lease_end(),
+            "lease_token": token,
+        }
+
+    def _complete(
+        self, ids: list[int], token: int
+    ) -> tuple[QuerySet[OutboxEvent], dict[str, Any]]:
+        """The outcome's fenced UPDATE: completed, if still under our token."""
+        owned = OutboxEvent.objects.using(self.using).filter(
+            pk__in=ids, lease_token=token, status=Status.PROCESSING
+        )
+        return owned, {
+            "status": Status.COMPLETED,
+            "completed_at": Now(),
+            "locked_until": None,
+        }
+
     def lease_end(self) -> ExpressionWrapper:
         return ExpressionWrapper(Now() + self.lease, output_field=DateTimeField())
 
@@ -274,17 +317,19 @@ class Worker:
         The fence is the claim's lease token: a worker whose lease expired,
         and whose event was rescued and claimed again, matches nothing here.
         """
-        owned_rows = OutboxEvent.objects.using(self.using).filter(
-            pk__in=[event.pk for event in events], lease_token=events[0].lease_token
-        )
-        count = owned_rows.filter(status=Status.PROCESSING).update(
-            status=Status.COMPLETED, completed_at=Now(), locked_until=None
-        )
+        token = events[0].lease_token or 0
+        count = self._completion_update.run([event.pk for event in events], token)
         if count == len(events):
             owned = events
         else:
             owned_ids = set(
-                owned_rows.filter(status=Status.COMPLETED).values_list("pk", flat=True)
+                OutboxEvent.objects.using(self.using)
+                .filter(
+                    pk__in=[event.pk for event in events],
+                    lease_token=token,
+                    status=Status.COMPLETED,
+                )
+                .values_list("pk", flat=True)
             )
             owned = [event for event in events if event.pk in owned_ids]
             for event in events:
@@ -365,85 +410,84 @@ class Worker:
 class _HandlerScope:
     """Run a batch's handlers in its transaction, each isolated from the others.
 
-    A savepoint is opened just before a handler's first query: most handlers
-    (an email, an HTTP call) never touch the database, and a savepoint would
-    cost them two round trips for nothing. A handler that fails loses its
-    writes and the on_commit callbacks it registered (no ghost email), and
-    leaves the transaction usable for the next handler.
+    Installed as the connection's execute wrapper for the whole batch, it
+    opens a savepoint just before a handler's first query: most handlers (an
+    email, an HTTP call) never touch the database, and a savepoint would cost
+    them two round trips for nothing. A handler that fails loses its writes
+    and the on_commit callbacks it registered (no ghost email), and leaves the
+    transaction usable for the next handler. Queries outside handlers pass
+    through untouched.
     """
 
     def __init__(self, using: str) -> None:
         self.using = using
+        self.connection = connections[using]
         self.savepoints = 0
         self._constraints_checked_now = False
+        self._in_handler = False
+        self._savepoint_id: str | None = None
+        self._opened = False
 
     @property
     def exhausted(self) -> bool:
         """Whether one more savepoint would overflow PostgreSQL's cache."""
         return self.savepoints >= MAX_SUBTRANSACTIONS
 
+    def __call__(
+        self, execute: Any, sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        if self._in_handler and not self._opened:
+            self._opened = True
+            self._in_handler = False  # the savepoint's own queries pass through
+            try:
+                self._savepoint_id = self._open_savepoint()
+            finally:
+                self._in_handler = True
+        return execute(sql, params, many, context)
+
     def run(self, function: HandlerFunction, event: OutboxEvent) -> Exception | None:
         """Run function(event); return the exception it raised, if any."""
-        connection = connections[self.using]
+        connection = self.connection
         callbacks = len(connection.run_on_commit)
-        savepoint = _LazySavepoint(self)
+        self._savepoint_id = None
+        self._opened = False
+        self._in_handler = True
         try:
-            with connection.execute_wrapper(savepoint):
-                function(event)
+            function(event)
             if connection.needs_rollback:
                 raise TransactionManagementError(
                     "the handler caught a database error inside "
                     "transaction.atomic() and went on"
                 )
-            savepoint.release()
+            self._in_handler = False
+            if self._savepoint_id is not None:
+                connection.savepoint_commit(self._savepoint_id)
         except Exception as error:
-            savepoint.rollback()
+            self._in_handler = False
+            self._roll_back()
             del connection.run_on_commit[callbacks:]
             return error
+        finally:
+            self._in_handler = False
         return None
 
-    def open_savepoint(self) -> str | None:
-        connection = connections[self.using]
-        if connection.vendor == "postgresql" and not self._constraints_checked_now:
+    def _open_savepoint(self) -> str | None:
+        if self.connection.vendor == "postgresql" and not self._constraints_checked_now:
             # Django's foreign keys are DEFERRABLE INITIALLY DEFERRED: a bad
             # write would fail at COMMIT and take the whole batch with it.
             # Checked at each statement, it fails the handler that made it.
-            with connection.cursor() as cursor:
+            with self.connection.cursor() as cursor:
                 cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
             self._constraints_checked_now = True
         self.savepoints += 1
-        return connection.savepoint()
+        return self.connection.savepoint()
 
-
-class _LazySavepoint:
-    """The savepoint of one handler, opened by its first query."""
-
-    def __init__(self, scope: _HandlerScope) -> None:
-        self.scope = scope
-        self.savepoint_id: str | None = None
-        self._opening = False
-
-    def __call__(
-        self, execute: Any, sql: str, params: Any, many: bool, context: Any
-    ) -> Any:
-        if self.savepoint_id is None and not self._opening:
-            self._opening = True
-            try:
-                self.savepoint_id = self.scope.open_savepoint()
-            finally:
-                self._opening = False
-        return execute(sql, params, many, context)
-
-    def release(self) -> None:
-        if self.savepoint_id is not None:
-            connections[self.scope.using].savepoint_commit(self.savepoint_id)
-
-    def rollback(self) -> None:
+    def _roll_back(self) -> None:
         """Undo the handler's writes and let the batch's transaction go on."""
         # A failed query, or an atomic(savepoint=False) block, inside the
         # handler marks the whole transaction for rollback; rolling back to
         # the savepoint taken before the handler undoes all it did, as
         # Atomic.__exit__ does for its own savepoints.
-        transaction.set_rollback(False, using=self.scope.using)
-        if self.savepoint_id is not None:
-            connections[self.scope.using].savepoint_rollback(self.savepoint_id)
+        transaction.set_rollback(False, using=self.using)
+        if self._savepoint_id is not None:
+            self.connection.savepoint_rollback(self._savepoint_id)
