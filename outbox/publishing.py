@@ -90,7 +90,7 @@ def publish(
             # earlier event of the key that will ever exist.
             event.waiting = Exists(OutboxEvent.objects.unfinished_of_key(event.key))
         event = _insert_one(event, using)
-        _wake_workers_on_commit(using)
+        wake_workers_on_commit(using)
     return event
 
 
@@ -120,7 +120,7 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
             if event.idempotency_key:
                 stored[event.idempotency_key] = event
         if fresh:
-            _wake_workers_on_commit(using)
+            wake_workers_on_commit(using)
     return [
         stored[event.idempotency_key] if event.idempotency_key else event
         for event in built
@@ -212,7 +212,8 @@ def _default_max_attempts(event_type: str) -> int:
     return get_settings().max_attempts
 
 
-def _wake_workers_on_commit(using: str) -> None:
+def wake_workers_on_commit(using: str) -> None:
+    """Wake listening workers once the current transaction commits."""
     connection = connections[using]
     if connection.vendor != "postgresql":
         return  # Workers on SQLite poll.
