@@ -26,6 +26,7 @@ from django.db import DatabaseError, connections, transaction
 from django.db.models.functions import Now
 
 from outbox.models import OutboxEvent, OutboxWorker, Status
+from outbox.monitoring import heartbeat_interval
 from outbox.wakeup import Waiter
 from outbox.worker import BatchResult, Worker
 
@@ -59,7 +60,7 @@ class Runner:
         )
         self.total = BatchResult()
         self._stopping = threading.Event()
-        self._heartbeat_every = max(min(worker.lease.total_seconds() / 3, 10.0), 0.05)
+        self._heartbeat_every = heartbeat_interval(worker.lease).total_seconds()
 
     def run(self) -> int:
         """Loop until stopped, drained or max_events; return the exit status."""
