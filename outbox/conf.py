@@ -19,6 +19,7 @@ POSITIVE_INTEGERS = (
     "MAX_ATTEMPTS",
     "BACKOFF_BASE_MS",
     "BACKOFF_CAP_MS",
+    "PRUNE_AFTER_DAYS",
 )
 
 
@@ -33,6 +34,8 @@ class OutboxSettings:
     worker_id: str = ""
     channel: str = "outbox"
     listen: bool = True
+    #: Workers delete completed events older than this many days; None: never.
+    prune_after_days: int | None = None
 
     @property
     def default_worker_id(self) -> str:
