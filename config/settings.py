@@ -161,6 +161,7 @@ OUTBOX: dict[str, Any] = {
         "BACKOFF_BASE_MS",
         "BACKOFF_CAP_MS",
         "WORKER_ID",
+        "PRUNE_AFTER_DAYS",
     )
     if os.environ.get(f"OUTBOX_{name}", "").strip()
 }

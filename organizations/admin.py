@@ -19,6 +19,7 @@ class MembershipInline(admin.TabularInline):
 @admin.register(Organization)
 class OrganizationAdmin(admin.ModelAdmin):
     list_display = ("name", "slug", "created_at")
+    list_filter = ("created_at",)
     search_fields = ("name", "slug")
     prepopulated_fields = {"slug": ("name",)}  # noqa: RUF012
     inlines = (MembershipInline,)
@@ -44,7 +45,7 @@ class InvitationAdmin(admin.ModelAdmin):
         "accepted_at",
         "revoked_at",
     )
-    list_filter = ("role", "accepted_at", "revoked_at")
+    list_filter = ("role", "expires_at", "accepted_at", "revoked_at")
     search_fields = ("email", "organization__name", "organization__slug")
     list_select_related = ("organization", "invited_by")
     autocomplete_fields = ("organization", "invited_by")
@@ -53,6 +54,7 @@ class InvitationAdmin(admin.ModelAdmin):
 @admin.register(Project)
 class ProjectAdmin(admin.ModelAdmin):
     list_display = ("name", "organization", "created_by", "created_at")
+    list_filter = ("created_at",)
     search_fields = ("name", "organization__name", "organization__slug")
     list_select_related = ("organization", "created_by")
     autocomplete_fields = ("organization", "created_by")

@@ -22,6 +22,7 @@ POSITIVE_INTEGERS = (
     "MAX_ATTEMPTS",
     "BACKOFF_BASE_MS",
     "BACKOFF_CAP_MS",
+    "PRUNE_AFTER_DAYS",
 )
 
 
@@ -35,6 +36,8 @@ class OutboxSettings:
     backoff_cap_ms: int = 60_000
     worker_id: str = ""
     listen: bool = True
+    #: Workers delete completed events older than this many days; None: never.
+    prune_after_days: int | None = None
 
     @property
     def default_worker_id(self) -> str:

@@ -22,6 +22,8 @@ class Status(models.TextChoices):
 
 
 UNFINISHED = (Status.PENDING, Status.PROCESSING)
+#: The statuses an operator looks for; completed events are the bulk.
+OPEN_TO_OPERATORS = (Status.PENDING, Status.PROCESSING, Status.FAILED)
 
 
 class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
@@ -88,15 +90,25 @@ class OutboxEvent(models.Model):
         default=list,
         blank=True,
         encoder=DjangoJSONEncoder,
-        help_text="One entry per failed attempt: when, worker, error class and "
-        "message. Never the payload.",
+        help_text="One entry per failed attempt (when, worker, error class and "
+        "message) or operator action (when, who, what). Never the payload.",
     )
+    discarded_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When an operator discarded the event; it never runs again.",
+    )
+    discarded_by = models.CharField(max_length=200, blank=True, default="")
 
     objects = OutboxEventQuerySet.as_manager()
 
     class Meta:
         verbose_name = "outbox event"
         ordering = ("-id",)
+        permissions: ClassVar = [
+            ("retry_outboxevent", "Can retry outbox events"),
+            ("discard_outboxevent", "Can discard outbox events"),
+        ]
         indexes: ClassVar = [
             # The claim: pending, not waiting behind its key, oldest first.
             models.Index(
@@ -115,6 +127,24 @@ class OutboxEvent(models.Model):
                 fields=("key", "id"),
                 condition=Q(status__in=UNFINISHED) & ~Q(key=""),
                 name="outbox_key_unfinished_idx",
+            ),
+            # The admin's status filter and summary, "retry all failed", and
+            # outbox_status. Completed events, the bulk of the table, leave it
+            # as they complete, so it stays small and costs nothing for them.
+            models.Index(
+                fields=("status", "id"),
+                condition=Q(status__in=OPEN_TO_OPERATORS),
+                name="outbox_status_idx",
+            ),
+            # No index on created_at or completed_at: every claim and every
+            # completion would write to it. The admin's date filter and the
+            # pruner walk the primary key instead, which follows creation.
+            # The admin's "has error" filter: only events that ever failed an
+            # attempt are in it, a small share of a healthy table.
+            models.Index(
+                fields=("id",),
+                condition=~Q(last_error=""),
+                name="outbox_has_error_idx",
             ),
         ]
         constraints: ClassVar = [
@@ -205,6 +235,59 @@ class OutboxEvent(models.Model):
                 "completed_at",
             ]
         )
+
+    def reopen(self, *, actor: str) -> None:
+        """Return the event to pending, available now, with a fresh attempt budget.
+
+        The caller has set waiting through outbox.ordering; the history is kept.
+        """
+        self.status = Status.PENDING
+        self.available_at = Now()
+        self.attempts = 0
+        self.locked_by = ""
+        self.locked_until = None
+        self.completed_at = None
+        self.record_operator_action(action="retried", actor=actor)
+        self.save(
+            update_fields=[
+                "status",
+                "available_at",
+                "attempts",
+                "locked_by",
+                "locked_until",
+                "completed_at",
+                "waiting",
+                "history",
+            ]
+        )
+
+    def discard(self, *, actor: str) -> None:
+        """End a pending or failed event for good, recording who and when."""
+        self.status = Status.FAILED
+        self.discarded_at = Now()
+        self.discarded_by = actor
+        self.locked_until = None
+        self.record_operator_action(action="discarded", actor=actor)
+        self.save(
+            update_fields=[
+                "status",
+                "discarded_at",
+                "discarded_by",
+                "locked_until",
+                "history",
+            ]
+        )
+
+    def record_operator_action(self, *, action: str, actor: str) -> None:
+        """Append an operator's action to the history."""
+        self.history = [
+            *self.history,
+            {
+                "at": timezone.now().isoformat(),
+                "operator": actor,
+                "action": action,
+            },
+        ][-HISTORY_LIMIT:]
 
     @property
     def attempts_left(self) -> int:

@@ -108,6 +108,46 @@ def hold_back_behind(heads: Mapping[str, int], using: str) -> int:
     )
 
 
+def lock_unfinished(keys: Collection[str], using: str) -> None:
+    """Lock the unfinished events of these keys, waiting for claims in flight.
+
+    Call after lock_keys(). A claim takes rows with SKIP LOCKED, so once this
+    returns, no worker can start one of these events until the transaction
+    ends, and a claim that was in flight has committed and is seen.
+    """
+    if keys:
+        list(
+            OutboxEvent.objects.using(using)
+            .filter(key__in=keys, status__in=UNFINISHED)
+            .order_by("id")
+            .select_for_update()
+            .values_list("id", flat=True)
+        )
+
+
+def rejoin(event: OutboxEvent, using: str) -> bool:
+    """Place a keyed event an operator re-opens in its key's queue.
+
+    Call with the key locked (lock_keys, lock_unfinished). A key's head is
+    always its earliest unfinished event (promote_heads and the orphan sweep
+    rely on it), so the event waits behind an earlier unfinished event, or
+    becomes the head and holds back the later pending ones. A later event
+    already processing cannot be held back: return False, and the event must
+    not be re-opened now. Set event.waiting and return True otherwise.
+    """
+    others = (
+        OutboxEvent.objects.using(using)
+        .unfinished_of_key(event.key)
+        .exclude(pk=event.pk)
+    )
+    if others.filter(pk__gt=event.pk, status=Status.PROCESSING).exists():
+        return False
+    event.waiting = others.filter(pk__lt=event.pk).exists()
+    if not event.waiting:
+        hold_back_behind({event.key: event.pk}, using)
+    return True
+
+
 def has_unfinished(key: str, using: str, *, excluding: int | None = None) -> bool:
     """Return whether key has a pending or processing event (under its lock)."""
     events = OutboxEvent.objects.using(using).unfinished_of_key(key)

@@ -59,6 +59,11 @@ def get_handler(event_type: str) -> Handler | None:
     return _handlers.get(event_type)
 
 
+def registered_event_types() -> list[str]:
+    """Return the event types that have a handler, sorted."""
+    return sorted(_handlers)
+
+
 def unregister(event_type: str) -> None:
     """Forget the handler of event_type (for tests that register their own)."""
     _handlers.pop(event_type, None)

@@ -17,15 +17,19 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from types import FrameType
 
 from django.db import DatabaseError, connections, transaction
 from django.db.models.functions import Now
 
 from outbox.models import OutboxEvent, OutboxWorker, Status
+from outbox.monitoring import heartbeat_interval
+from outbox.pruning import prune
 from outbox.wakeup import Waiter
 from outbox.worker import BatchResult, Worker
 
@@ -34,6 +38,10 @@ logger = logging.getLogger(__name__)
 #: Longest pause after a tick that raised (the database is down, say).
 ERROR_BACKOFF_CAP_SECONDS = 5.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Scheduled pruning (OUTBOX_PRUNE_AFTER_DAYS): how often, and how much at most.
+PRUNE_EVERY_SECONDS = 60.0
+PRUNE_BATCH_SIZE = 1000
+PRUNE_MAX_BATCHES = 10
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class Runner:
         )
         self.total = BatchResult()
         self._stopping = threading.Event()
-        self._heartbeat_every = max(min(worker.lease.total_seconds() / 3, 10.0), 0.05)
+        self._heartbeat_every = heartbeat_interval(worker.lease).total_seconds()
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
 
     def run(self) -> int:
         """Loop until stopped, drained or max_events; return the exit status."""
@@ -127,7 +136,26 @@ class Runner:
             self.worker.batch_size = min(self.worker.batch_size, remaining)
         result = self.worker.run_once()
         self.total += result
+        if (
+            self.worker.settings.prune_after_days
+            and time.monotonic() >= self._next_prune
+        ):
+            self._prune(self.worker.settings.prune_after_days)
         return result
+
+    def _prune(self, days: int) -> None:
+        """Delete a few batches of old completed events, once a minute at most.
+
+        Out of the claim path: one clock read per tick decides, and a prune
+        that fails is retried only at the next period, not on every tick.
+        """
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+        prune(
+            older_than=timedelta(days=days),
+            batch_size=PRUNE_BATCH_SIZE,
+            max_batches=PRUNE_MAX_BATCHES,
+            using=self.worker.using,
+        )
 
     def _remaining_events(self) -> int | None:
         if self.options.max_events is None:

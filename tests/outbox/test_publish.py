@@ -3,12 +3,12 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 import django
-import psycopg
 import pytest
 from django.db import connection, transaction
 
 from outbox import publish
 from outbox.models import OutboxEvent, Status
+from tests.outbox.listening import listen, notifications
 
 
 class ForcedRollbackError(Exception):
@@ -147,23 +147,6 @@ def test_publish__keyed_events_wait_behind_the_keys_first() -> None:
         False,
     )
     assert list(OutboxEvent.objects.ready()) == [first, other, unkeyed]
-
-
-def listen(channel: str = "outbox_outboxevent") -> psycopg.Connection:
-    settings = connection.settings_dict
-    listener = psycopg.connect(
-        host=settings["HOST"] or "127.0.0.1",
-        port=settings["PORT"] or 5432,
-        user=settings["USER"],
-        dbname=settings["NAME"],
-        autocommit=True,
-    )
-    listener.execute(f"LISTEN {channel}")
-    return listener
-
-
-def notifications(listener: psycopg.Connection) -> int:
-    return sum(1 for _ in listener.notifies(timeout=0.2))
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,0 +1,193 @@
+"""Read-only views of the outbox for operators: counts, lag, live workers.
+
+Every query here stays cheap on a table of millions of completed events: the
+unfinished and failed events are counted through the partial index
+outbox_status_idx, and completed events, the bulk, are counted exactly only up
+to COUNT_CAP and estimated from PostgreSQL's statistics beyond it.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import connections, router
+from django.db.models import Count, Q
+from django.db.models.functions import Now
+
+from outbox.conf import get_settings
+from outbox.models import OPEN_TO_OPERATORS, OutboxEvent, OutboxWorker, Status
+
+#: Completed events counted exactly; beyond this, the count is an estimate.
+COUNT_CAP = 10_000
+#: A worker is alive while its last heartbeat is this many intervals old or less.
+LIVE_AFTER_HEARTBEATS = 3
+
+
+@dataclass(frozen=True)
+class StatusCounts:
+    pending: int
+    processing: int
+    failed: int
+    discarded: int
+    completed: int
+    #: False when completed is an estimate (more than COUNT_CAP rows).
+    completed_exact: bool
+
+    @property
+    def failed_not_discarded(self) -> int:
+        return self.failed - self.discarded
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    worker_id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    last_seen_at: datetime
+    alive: bool
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    counts: StatusCounts
+    #: Age of the oldest event that is ready but not claimed, if any.
+    lag: timedelta | None
+    workers: list[WorkerState]
+
+    @property
+    def live_workers(self) -> int:
+        return sum(worker.alive for worker in self.workers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the status as JSON-ready values."""
+        counts = self.counts
+        return {
+            "counts": {
+                "pending": counts.pending,
+                "processing": counts.processing,
+                "failed": counts.failed,
+                "completed": counts.completed,
+            },
+            "completed_is_estimate": not counts.completed_exact,
+            "failed": counts.failed,
+            "discarded": counts.discarded,
+            "failed_not_discarded": counts.failed_not_discarded,
+            "lag_seconds": None if self.lag is None else self.lag.total_seconds(),
+            "live_workers": self.live_workers,
+            "workers": [
+                {
+                    "worker_id": worker.worker_id,
+                    "hostname": worker.hostname,
+                    "pid": worker.pid,
+                    "started_at": worker.started_at.isoformat(),
+                    "last_seen_at": worker.last_seen_at.isoformat(),
+                    "alive": worker.alive,
+                }
+                for worker in self.workers
+            ],
+        }
+
+
+def heartbeat_interval(lease: timedelta) -> timedelta:
+    """Return how often a worker with this lease refreshes its heartbeat."""
+    return timedelta(seconds=max(min(lease.total_seconds() / 3, 10.0), 0.05))
+
+
+def stale_after() -> timedelta:
+    """Return how old a heartbeat may be before its worker counts as dead."""
+    lease = timedelta(milliseconds=get_settings().stuck_timeout_ms)
+    return heartbeat_interval(lease) * LIVE_AFTER_HEARTBEATS
+
+
+def count_by_status(*, using: str | None = None) -> StatusCounts:
+    """Count events per status, estimating completed ones past COUNT_CAP."""
+    using = using or router.db_for_read(OutboxEvent)
+    events = OutboxEvent.objects.using(using)
+    rows = (
+        events.filter(status__in=OPEN_TO_OPERATORS)
+        .order_by()
+        .values("status")
+        .annotate(
+            total=Count("id"),
+            discarded=Count("id", filter=Q(discarded_at__isnull=False)),
+        )
+    )
+    totals = {row["status"]: (row["total"], row["discarded"]) for row in rows}
+    open_total = sum(total for total, _ in totals.values())
+    completed = events.filter(status=Status.COMPLETED)[: COUNT_CAP + 1].count()
+    exact = completed <= COUNT_CAP
+    if not exact:
+        completed = max(_estimated_rows(using) - open_total, COUNT_CAP + 1)
+    return StatusCounts(
+        pending=totals.get(Status.PENDING, (0, 0))[0],
+        processing=totals.get(Status.PROCESSING, (0, 0))[0],
+        failed=totals.get(Status.FAILED, (0, 0))[0],
+        discarded=totals.get(Status.FAILED, (0, 0))[1],
+        completed=completed,
+        completed_exact=exact,
+    )
+
+
+def ready_lag(*, using: str | None = None) -> timedelta | None:
+    """Return how long the oldest ready, unclaimed event has waited, if any."""
+    using = using or router.db_for_read(OutboxEvent)
+    oldest = (
+        OutboxEvent.objects.using(using)
+        .ready()
+        .annotate(now=Now())
+        .values_list("available_at", "now")
+        .first()
+    )
+    if oldest is None:
+        return None
+    available_at, now = oldest
+    return max(now - available_at, timedelta(0))
+
+
+def worker_states(*, using: str | None = None) -> list[WorkerState]:
+    """Return every registered worker, alive or not (by its last heartbeat)."""
+    using = using or router.db_for_read(OutboxWorker)
+    oldest_alive = stale_after()
+    workers = (
+        OutboxWorker.objects.using(using)
+        .annotate(now=Now())
+        .values_list(
+            "worker_id", "hostname", "pid", "started_at", "last_seen_at", "now"
+        )
+        .order_by("worker_id")
+    )
+    return [
+        WorkerState(
+            worker_id=worker_id,
+            hostname=hostname,
+            pid=pid,
+            started_at=started_at,
+            last_seen_at=last_seen_at,
+            alive=now - last_seen_at <= oldest_alive,
+        )
+        for worker_id, hostname, pid, started_at, last_seen_at, now in workers
+    ]
+
+
+def collect_status(*, using: str | None = None) -> OutboxStatus:
+    """Return counts per status, the lag and the workers."""
+    return OutboxStatus(
+        counts=count_by_status(using=using),
+        lag=ready_lag(using=using),
+        workers=worker_states(using=using),
+    )
+
+
+def _estimated_rows(using: str) -> int:
+    """Return PostgreSQL's estimate of the events table's rows, or 0."""
+    connection = connections[using]
+    if connection.vendor != "postgresql":
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+            [OutboxEvent._meta.db_table],
+        )
+        row = cursor.fetchone()
+    return max(int(row[0]), 0) if row else 0

@@ -1,0 +1,251 @@
+"""Operators' retry and discard (outbox.operations), which the admin calls."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from outbox import operations, publish
+from outbox.models import OutboxEvent, Status
+from outbox.operations import discard_events, retry_events
+from outbox.testing import drain
+from outbox.worker import Worker
+from tests.outbox.factories import OutboxEventFactory
+from tests.outbox.listening import listen, notifications
+
+pytestmark = [pytest.mark.django_db]
+
+
+def ready_ids() -> list[int]:
+    return list(OutboxEvent.objects.ready().values_list("id", flat=True))
+
+
+def fail(event: OutboxEvent) -> None:
+    OutboxEvent.objects.filter(pk=event.pk).update(
+        status=Status.FAILED, attempts=event.max_attempts, waiting=False
+    )
+
+
+@pytest.fixture
+def handled(register_handler) -> list[str]:
+    seen: list[str] = []
+    register_handler("step", lambda event: seen.append(event.payload["name"]))
+    return seen
+
+
+@pytest.mark.sqlite
+def test_retry_events__makes_a_failed_event_pending_now_with_fresh_attempts() -> None:
+    event = OutboxEventFactory.create(
+        failed=True, available_at=timezone.now() - timedelta(days=1)
+    )
+
+    result = retry_events([event.pk], actor="ops@example.com")
+
+    event.refresh_from_db()
+    assert result.changed == [event.pk]
+    assert (event.status, event.attempts, event.locked_by) == (Status.PENDING, 0, "")
+    assert ready_ids() == [event.pk]
+    assert event.available_at > timezone.now() - timedelta(minutes=1)
+    assert event.history[0]["error"] == "ConnectionError"
+    assert event.history[-1]["operator"] == "ops@example.com"
+    assert event.history[-1]["action"] == "retried"
+    assert event.last_error == "ConnectionError: smtp down"
+
+
+@pytest.mark.sqlite
+def test_retry_events__brings_forward_an_event_waiting_for_its_retry() -> None:
+    later = timezone.now() + timedelta(hours=1)
+    event = OutboxEventFactory.create(attempts=3, available_at=later)
+
+    result = retry_events(OutboxEvent.objects.all(), actor="ops")
+
+    assert result.changed == [event.pk]
+    assert ready_ids() == [event.pk]
+
+
+@pytest.mark.sqlite
+def test_retry_events__skips_what_it_must_not_touch_and_says_why() -> None:
+    completed = OutboxEventFactory.create(completed=True)
+    leased = OutboxEventFactory.create(leased=True)
+    expired = OutboxEventFactory.create(
+        leased=True, locked_until=timezone.now() - timedelta(seconds=1)
+    )
+    fresh = OutboxEventFactory.create()
+    discarded = OutboxEventFactory.create(failed=True)
+    discard_events([discarded.pk], actor="ops")
+    failed = OutboxEventFactory.create(failed=True)
+    before = {
+        row.pk: (row.status, row.attempts, row.locked_until)
+        for row in OutboxEvent.objects.exclude(pk=failed.pk)
+    }
+
+    result = retry_events(OutboxEvent.objects.all(), actor="ops")
+
+    assert result.changed == [failed.pk]
+    assert result.skipped == {
+        operations.COMPLETED: 1,
+        operations.LIVE_LEASE: 1,
+        operations.EXPIRED_LEASE: 1,
+        operations.NOT_RETRYING: 1,
+        operations.DISCARDED: 1,
+    }
+    after = {
+        row.pk: (row.status, row.attempts, row.locked_until)
+        for row in OutboxEvent.objects.exclude(pk=failed.pk)
+    }
+    assert after == before
+    assert {completed.pk, leased.pk, expired.pk, fresh.pk} < set(after)
+
+
+@pytest.mark.sqlite
+def test_retry_events__keyed_failed_event_becomes_head_before_later_pending_ones(
+    handled,
+) -> None:
+    first = publish("step", {"name": "first"}, key="org:1")
+    fail(first)
+    second = publish("step", {"name": "second"}, key="org:1")  # the head now
+    third = publish("step", {"name": "third"}, key="org:1")
+    assert ready_ids() == [second.pk]
+
+    retry_events([first.pk], actor="ops")
+
+    # Exactly one claimable head, the earliest unfinished event.
+    assert ready_ids() == [first.pk]
+    drain()
+    assert handled == ["first", "second", "third"]
+    assert third.pk > second.pk
+
+
+@pytest.mark.sqlite
+def test_retry_events__two_failed_events_of_a_key_rejoin_in_order(handled) -> None:
+    first = publish("step", {"name": "first"}, key="org:1")
+    second = publish("step", {"name": "second"}, key="org:1")
+    fail(first)
+    fail(second)
+
+    result = retry_events([second.pk, first.pk], actor="ops")
+
+    assert sorted(result.changed) == [first.pk, second.pk]
+    assert ready_ids() == [first.pk]
+    drain()
+    assert handled == ["first", "second"]
+
+
+@pytest.mark.sqlite
+def test_retry_events__skips_a_keyed_event_while_a_later_one_is_processing(
+    handled,
+) -> None:
+    first = publish("step", {"name": "first"}, key="org:1")
+    fail(first)
+    second = publish("step", {"name": "second"}, key="org:1")
+    [claimed] = Worker(worker_id="w").claim()
+    assert claimed.pk == second.pk
+
+    result = retry_events([first.pk], actor="ops")
+
+    assert result.changed == []
+    assert result.skipped == {operations.KEY_BUSY: 1}
+    assert OutboxEvent.objects.get(pk=first.pk).status == Status.FAILED
+
+
+@pytest.mark.sqlite
+def test_retry_events__works_through_selections_bigger_than_a_chunk(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(operations, "CHUNK", 2)
+    OutboxEventFactory.create_batch(5, failed=True)
+
+    result = retry_events(OutboxEvent.objects.all(), actor="ops")
+
+    assert len(result.changed) == 5
+    assert len(ready_ids()) == 5
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_events__wakes_the_workers_once_on_commit() -> None:
+    events = OutboxEventFactory.create_batch(3, failed=True)
+    listener = listen()
+    try:
+        retry_events([event.pk for event in events], actor="ops")
+        assert notifications(listener) == 1
+    finally:
+        listener.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_events__wakes_nobody_when_nothing_changed() -> None:
+    event = OutboxEventFactory.create(completed=True)
+    listener = listen()
+    try:
+        retry_events([event.pk], actor="ops")
+        assert notifications(listener) == 0
+    finally:
+        listener.close()
+
+
+@pytest.mark.sqlite
+def test_discard_events__ends_pending_and_failed_events_recording_who_and_when() -> (
+    None
+):
+    pending = OutboxEventFactory.create()
+    failed = OutboxEventFactory.create(failed=True)
+
+    result = discard_events(OutboxEvent.objects.all(), actor="ops@example.com")
+
+    assert sorted(result.changed) == [pending.pk, failed.pk]
+    for event in OutboxEvent.objects.all():
+        assert event.status == Status.FAILED
+        assert event.discarded_by == "ops@example.com"
+        assert event.discarded_at is not None
+        assert event.history[-1]["action"] == "discarded"
+    assert drain().claimed == 0
+
+
+@pytest.mark.sqlite
+def test_discard_events__skips_completed_processing_and_discarded_events() -> None:
+    OutboxEventFactory.create(completed=True)
+    leased = OutboxEventFactory.create(leased=True)
+    discarded = OutboxEventFactory.create(failed=True)
+    discard_events([discarded.pk], actor="first")
+
+    result = discard_events(OutboxEvent.objects.all(), actor="second")
+
+    assert result.changed == []
+    assert result.skipped == {
+        operations.COMPLETED: 1,
+        operations.LIVE_LEASE: 1,
+        operations.DISCARDED: 1,
+    }
+    assert "1 completed" in result.describe_skipped()
+    leased.refresh_from_db()
+    assert (leased.status, leased.discarded_at) == (Status.PROCESSING, None)
+    assert OutboxEvent.objects.get(pk=discarded.pk).discarded_by == "first"
+
+
+@pytest.mark.sqlite
+def test_discard_events__discarding_a_keys_head_lets_the_next_one_run(
+    handled,
+) -> None:
+    head = publish("step", {"name": "head"}, key="org:1")
+    after = publish("step", {"name": "next"}, key="org:1")
+    publish("step", {"name": "last"}, key="org:1")
+
+    discard_events([head.pk], actor="ops")
+
+    # At once, not only after the workers' sweep for orphaned keys.
+    assert ready_ids() == [after.pk]
+    drain()
+    assert handled == ["next", "last"]
+
+
+@pytest.mark.sqlite
+def test_discard_events__discarding_a_waiting_event_keeps_the_head(handled) -> None:
+    head = publish("step", {"name": "head"}, key="org:1")
+    middle = publish("step", {"name": "middle"}, key="org:1")
+    publish("step", {"name": "last"}, key="org:1")
+
+    discard_events([middle.pk], actor="ops")
+
+    assert ready_ids() == [head.pk]
+    drain()
+    assert handled == ["head", "last"]

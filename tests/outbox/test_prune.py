@@ -1,0 +1,197 @@
+"""Retention: outbox/pruning.py, prune_outbox and the worker's schedule."""
+
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+from django.utils import timezone
+
+from outbox.models import OutboxEvent, Status
+from outbox.pruning import parse_duration, prune
+from outbox.runner import Runner, RunOptions
+from outbox.worker import Worker
+from tests.outbox.factories import OutboxEventFactory
+
+pytestmark = [pytest.mark.django_db, pytest.mark.sqlite]
+
+DAYS_AGO_10 = timedelta(days=10)
+
+
+def aged(event: OutboxEvent, age: timedelta = DAYS_AGO_10) -> OutboxEvent:
+    """Backdate the event's creation and completion by age."""
+    then = timezone.now() - age
+    OutboxEvent.objects.filter(pk=event.pk).update(
+        created_at=then, completed_at=then if event.completed_at else None
+    )
+    return event
+
+
+@pytest.fixture
+def mix() -> dict[str, OutboxEvent]:
+    """One event of each kind, old and new, keyed by what it is."""
+    return {
+        "old_completed": aged(OutboxEventFactory.create(completed=True)),
+        "new_completed": OutboxEventFactory.create(completed=True),
+        "old_failed": aged(OutboxEventFactory.create(failed=True)),
+        "new_failed": OutboxEventFactory.create(failed=True),
+        "old_pending": aged(OutboxEventFactory.create()),
+        "old_processing": aged(OutboxEventFactory.create(leased=True)),
+    }
+
+
+def remaining(mix: dict[str, OutboxEvent]) -> set[str]:
+    left = set(OutboxEvent.objects.values_list("pk", flat=True))
+    return {name for name, event in mix.items() if event.pk in left}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30m", timedelta(minutes=30)),
+        ("12h", timedelta(hours=12)),
+        ("7d", timedelta(days=7)),
+        ("45s", timedelta(seconds=45)),
+    ],
+)
+def test_parse_duration__reads_seconds_minutes_hours_and_days(text, expected) -> None:
+    assert parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["7", "d", "7w", "-1d", "0d", "1.5h", ""])
+def test_parse_duration__rejects_anything_else(text) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+def test_prune__deletes_only_old_completed_events(mix) -> None:
+    result = prune(older_than=timedelta(days=7))
+
+    assert (result.completed, result.failed) == (1, 0)
+    assert remaining(mix) == set(mix) - {"old_completed"}
+
+
+def test_prune__with_failed_also_deletes_old_failed_events(mix) -> None:
+    result = prune(older_than=timedelta(days=7), include_failed=True)
+
+    assert (result.completed, result.failed) == (1, 1)
+    assert remaining(mix) == {
+        "new_completed",
+        "new_failed",
+        "old_pending",
+        "old_processing",
+    }
+
+
+def test_prune__works_in_batches_and_reports_each() -> None:
+    for _ in range(5):
+        aged(OutboxEventFactory.create(completed=True))
+    seen: list[tuple[str, int, int]] = []
+
+    result = prune(
+        older_than=timedelta(days=1),
+        batch_size=2,
+        progress=lambda *batch: seen.append(batch),
+    )
+
+    assert seen == [("completed", 2, 2), ("completed", 2, 4), ("completed", 1, 5)]
+    assert (result.completed, result.batches) == (5, 3)
+    assert not OutboxEvent.objects.exists()
+
+
+def test_prune__max_batches_bounds_one_call() -> None:
+    for _ in range(5):
+        aged(OutboxEventFactory.create(completed=True))
+
+    result = prune(older_than=timedelta(days=1), batch_size=2, max_batches=1)
+
+    assert result.completed == 2
+    assert OutboxEvent.objects.count() == 3
+
+
+def test_command__prints_progress_and_a_summary(mix) -> None:
+    out = StringIO()
+
+    call_command("prune_outbox", "--older-than", "7d", "--include-failed", stdout=out)
+
+    text = out.getvalue()
+    assert "Deleted 1 completed events (1 so far)." in text
+    assert "Deleted 1 failed events (2 so far)." in text
+    assert "Deleted 1 completed and 1 failed events older than" in text
+    assert remaining(mix) == {
+        "new_completed",
+        "new_failed",
+        "old_pending",
+        "old_processing",
+    }
+
+
+def test_command__dry_run_deletes_nothing(mix) -> None:
+    out = StringIO()
+
+    call_command(
+        "prune_outbox",
+        "--older-than",
+        "7d",
+        "--dry-run",
+        "--include-failed",
+        stdout=out,
+    )
+
+    assert "Would delete 1 completed events older than" in out.getvalue()
+    assert "Would delete 1 failed events older than" in out.getvalue()
+    assert remaining(mix) == set(mix)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "option"),
+    [
+        (["--older-than", "7x"], "--older-than"),
+        (["--older-than", "7d", "--batch-size", "0"], "--batch-size"),
+        ([], "--older-than"),
+    ],
+)
+def test_command__names_the_option_it_cannot_read(arguments, option) -> None:
+    with pytest.raises(CommandError, match=option):
+        call_command("prune_outbox", *arguments)
+
+
+def make_runner() -> Runner:
+    runner = Runner(Worker(worker_id="pruner"), RunOptions(poll_ms=1000))
+    runner._next_prune = 0.0  # due now
+    return runner
+
+
+def test_worker__prunes_on_schedule_when_the_setting_is_on(mix) -> None:
+    with override_settings(OUTBOX={"PRUNE_AFTER_DAYS": "7"}):
+        runner = make_runner()
+        try:
+            runner._tick()
+            runner._tick()  # not due again for a minute
+        finally:
+            runner.waiter.close()
+
+    assert remaining(mix) == set(mix) - {"old_completed"}
+    assert runner._next_prune > 0
+
+
+def test_worker__does_not_prune_by_default(mix) -> None:
+    with override_settings(OUTBOX={}):
+        runner = make_runner()
+        try:
+            runner._tick()
+        finally:
+            runner.waiter.close()
+
+    assert "old_completed" in remaining(mix)
+    assert Status.COMPLETED in OutboxEvent.objects.values_list("status", flat=True)
+
+
+def test_setting__rejects_a_bad_prune_after_days() -> None:
+    from outbox.checks import check_outbox_settings
+
+    with override_settings(OUTBOX={"PRUNE_AFTER_DAYS": "a week"}):
+        [error] = check_outbox_settings()
+
+    assert "OUTBOX_PRUNE_AFTER_DAYS" in error.msg
