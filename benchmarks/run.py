@@ -81,7 +81,7 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
         ("publish", lambda: w.publish_rates(1_000 if quick else 5_000)),
         ("drain-1", lambda: w.drain(drain_events, batch, 1)),
         ("drain-4", lambda: w.drain(drain_events, batch, 4)),
-        ("latency", lambda: w.latency(100 if quick else 1_000)),
+        ("latency", lambda: w.latency(50 if quick else 1_000)),
         ("scale-0", lambda: w.claim_time(0, batch)),
         ("scale-1m", lambda: w.claim_time(10_000 if quick else 1_000_000, batch)),
         (
@@ -102,7 +102,7 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
-            "postgresql": connection.cursor().connection.info.server_version,
+            "postgresql": _version(connection.cursor().connection.info.server_version),
             "synchronous_commit": synchronous_commit,
             "batch_size": batch,
             "quick": quick,
@@ -125,8 +125,10 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
     ceiling = best(runs, "ceiling")["rate"]
     drain_1 = best(runs, "drain-1")["rate"]
     drain_4 = best(runs, "drain-4")["rate"]
-    latency = best(runs, "latency", by="p50_ms")["notes"]
+    p50 = best(runs, "latency", by="p50_ms")["notes"]["p50_ms"]
+    p99 = best(runs, "latency", by="p99_ms")["notes"]["p99_ms"]
     publish_one = min(run[0]["notes"]["time_vs_bare"] for run in runs["publish"])
+    publish_tx = min(run[1]["notes"]["time_vs_bare"] for run in runs["publish"])
     publish_many = max(run[2]["rate"] for run in runs["publish"])
     scale_0 = best(runs, "scale-0", by="median_ms")["notes"]["median_ms"]
     scale_1m = best(runs, "scale-1m", by="median_ms")["notes"]["median_ms"]
@@ -134,9 +136,10 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         check("drain-1 >= 60 % of the ceiling", drain_1 / ceiling, ">=", 0.6),
         check("drain-4 >= 1.5 x drain-1", drain_4 / drain_1, ">=", 1.5),
-        check("latency p50 <= 2 ms", latency["p50_ms"], "<=", 2.0),
-        check("latency p99 <= 5 ms", latency["p99_ms"], "<=", 5.0),
-        check("publish() <= 1.5 x bare insert time", publish_one, "<=", 1.5),
+        check("latency p50 <= 2 ms", p50, "<=", 2.0),
+        check("latency p99 <= 5 ms", p99, "<=", 5.0),
+        check("publish(), 1 per tx, <= 1.5 x bare insert", publish_one, "<=", 1.5),
+        check("publish(), 1,000 per tx, <= 1.5 x bare insert", publish_tx, "<=", 1.5),
         check("publish_many() >= 20,000 events/s", publish_many, ">=", 20_000),
         check("claim with 1 M completed <= 1.2 x empty", scale_1m / scale_0, "<=", 1.2),
         check("RSS growth 10 k -> 100 k <= 10 MB", memory, "<=", 10.0),
@@ -170,6 +173,11 @@ def print_table(report: dict[str, Any]) -> None:
     for target in report["targets"]:
         verdict = "met" if target["met"] else "MISSED"
         print(f"{target['target']:<46} {target['value']:>10,.3f}  {verdict}")  # noqa: T201
+
+
+def _version(number: int) -> str:
+    """Return PostgreSQL's 150020 as 15.20."""
+    return f"{number // 10000}.{number % 10000}"
 
 
 def with_database(url: str, name: str) -> str:

@@ -279,9 +279,10 @@ def claim_time(completed_rows: int, batch_size: int) -> Measurement:
             cursor.execute(
                 "INSERT INTO outbox_outboxevent (uuid, event_type, payload, key,"
                 " status, waiting, attempts, max_attempts, available_at,"
-                " locked_by, created_at, completed_at, last_error, history)"
+                " locked_by, created_at, completed_at, last_error, history,"
+                " discarded_by)"
                 " SELECT gen_random_uuid(), 'benchmark.noop', '{}', '', 'completed',"
-                " false, 1, 10, now(), 'old', now(), now(), '', '[]'"
+                " false, 1, 10, now(), 'old', now(), now(), '', '[]', ''"
                 " FROM generate_series(1, %s)",
                 [completed_rows],
             )

@@ -1,0 +1,36 @@
+"""The benchmark itself keeps working (its figures are checked by people)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
+    output = tmp_path / "results.json"
+
+    result = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--quick", "--json", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert set(report["runs"]) == {
+        "ceiling",
+        "publish",
+        "drain-1",
+        "drain-4",
+        "latency",
+        "scale-0",
+        "scale-1m",
+        "memory",
+    }
+    assert all(len(runs) == 2 for runs in report["runs"].values())
+    assert len(report["targets"]) == 9
+    assert "drain-1 >= 60 % of the ceiling" in result.stdout
