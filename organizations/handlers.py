@@ -67,17 +67,7 @@ def send_invitation(event: OutboxEvent) -> None:
 @handler("organization.created")
 def send_welcome(event: OutboxEvent) -> None:
     """Welcome the organization's creator."""
-    organization_id, actor_id = ids(event, "organization_id", "actor_id")
-    organization = Organization.objects.filter(pk=organization_id).first()
-    user = User.objects.filter(pk=actor_id, is_active=True).first()
-    if organization is None or user is None:
-        return
-    emails.send(
-        "welcome",
-        to=user.email,
-        context={"organization": organization, "user": user},
-        event_uuid=event.uuid,
-    )
+    _tell_user(event, "welcome", user_field="actor_id")
 
 
 @handler("membership.created")
@@ -114,41 +104,25 @@ def announce_new_member(event: OutboxEvent) -> None:
 @handler("membership.role_changed")
 def tell_role_changed(event: OutboxEvent) -> None:
     """Tell the member their new role."""
-    organization_id, user_id = ids(event, "organization_id", "user_id")
+    ids(event, "organization_id", "user_id")
     roles = [event.payload.get("old_role"), event.payload.get("new_role")]
     if not all(role in Role.values for role in roles):
         raise PermanentFailure("the payload of membership.role_changed lacks roles")
-    organization = Organization.objects.filter(pk=organization_id).first()
-    user = User.objects.filter(pk=user_id, is_active=True).first()
-    if organization is None or user is None:
-        return
-    emails.send(
+    _tell_user(
+        event,
         "role_changed",
-        to=user.email,
+        user_field="user_id",
         context={
-            "organization": organization,
-            "user": user,
             "old_role": Role(roles[0]).label.lower(),
             "new_role": Role(roles[1]).label.lower(),
         },
-        event_uuid=event.uuid,
     )
 
 
 @handler("membership.removed")
 def tell_removed(event: OutboxEvent) -> None:
     """Tell the former member they were removed."""
-    organization_id, user_id = ids(event, "organization_id", "user_id")
-    organization = Organization.objects.filter(pk=organization_id).first()
-    user = User.objects.filter(pk=user_id, is_active=True).first()
-    if organization is None or user is None:
-        return
-    emails.send(
-        "removed",
-        to=user.email,
-        context={"organization": organization, "user": user},
-        event_uuid=event.uuid,
-    )
+    _tell_user(event, "removed", user_field="user_id")
 
 
 @handler("project.created")
@@ -177,6 +151,27 @@ def announce_project(event: OutboxEvent) -> None:
             event_uuid=event.uuid,
             recipient_id=member.pk,
         )
+
+
+def _tell_user(
+    event: OutboxEvent,
+    template: str,
+    *,
+    user_field: str,
+    context: dict[str, Any] | None = None,
+) -> None:
+    """Mail one person about an organization, if both still exist."""
+    organization_id, user_id = ids(event, "organization_id", user_field)
+    organization = Organization.objects.filter(pk=organization_id).first()
+    user = User.objects.filter(pk=user_id, is_active=True).first()
+    if organization is None or user is None:
+        return
+    emails.send(
+        template,
+        to=user.email,
+        context={"organization": organization, "user": user, **(context or {})},
+        event_uuid=event.uuid,
+    )
 
 
 def _is_open(invitation: Invitation) -> bool:

@@ -1,29 +1,13 @@
-import argparse
 import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from outbox.management.arguments import positive_int, seconds
 from outbox.monitoring import OutboxStatus, collect_status
 
 #: Exit status when a --fail-if-* threshold is exceeded.
 THRESHOLD_EXCEEDED = 2
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not zero or more")
-    return value
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
 
 
 class Command(BaseCommand):

@@ -1,24 +1,11 @@
-import argparse
 from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
-from outbox.pruning import DEFAULT_BATCH_SIZE, parse_duration, prunable, prune
-
-
-def duration(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return int(text)
+from outbox.management.arguments import duration, positive_int
+from outbox.pruning import DEFAULT_BATCH_SIZE, prunable, prune
 
 
 class Command(BaseCommand):
