@@ -117,8 +117,10 @@ def discard_events(
             heads_gone.clear()
             _apply(_lock(chunk, using), discard, result)
             # The key's head is its earliest unfinished event: if that was
-            # the discarded one, the next becomes claimable.
-            ordering.promote_heads(heads_gone, using)
+            # the discarded one, the next becomes claimable (and workers are
+            # told, as no insert will tell them).
+            if ordering.promote_heads(heads_gone, using):
+                notify_workers(using)
     if result.changed:
         logger.info(
             "outbox events discarded by an operator: changed=%d skipped=%d",

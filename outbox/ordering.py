@@ -15,7 +15,7 @@ Everything that touches `waiting` goes through this module.
 
 from collections.abc import Collection, Mapping
 
-from django.db import connections
+from django.db import connections, transaction
 from django.db.models import Min, Q, Subquery
 
 from outbox.errors import UnsupportedIsolationLevel
@@ -161,7 +161,8 @@ def promote_orphaned_heads(using: str) -> int:
 
     The backstop for a worker that died between finishing a key's head and
     promoting the next one. It scans all unfinished keyed events, so workers
-    run it once per lease period, not on every tick.
+    run it once per lease period, not on every tick. Keys whose lock someone
+    holds (a publisher, an operator's retry) are left for the next sweep.
     """
     heads = (
         OutboxEvent.objects.using(using)
@@ -171,8 +172,10 @@ def promote_orphaned_heads(using: str) -> int:
         .annotate(head=Min("id"))
         .values("head")
     )
-    return (
-        OutboxEvent.objects.using(using)
-        .filter(pk__in=Subquery(heads), waiting=True)
-        .update(waiting=False)
-    )
+    with transaction.atomic(using=using):
+        orphaned = set(
+            OutboxEvent.objects.using(using)
+            .filter(pk__in=Subquery(heads), waiting=True)
+            .values_list("key", flat=True)
+        )
+        return promote_heads(orphaned - busy_keys(orphaned, using), using)

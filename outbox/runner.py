@@ -74,6 +74,7 @@ class Runner:
         """Loop until stopped, drained or max_events; return the exit status."""
         with self._signal_handlers():
             self._log_start()
+            self.waiter.start()
             heartbeat = threading.Thread(
                 target=self._beat, name="outbox-heartbeat", daemon=True
             )
@@ -139,6 +140,8 @@ class Runner:
         if (
             self.worker.settings.prune_after_days
             and time.monotonic() >= self._next_prune
+            # Never while a batch claimed ahead waits for its handlers.
+            and not self.worker.holds_claimed_ahead
         ):
             self._prune(self.worker.settings.prune_after_days)
         return result
@@ -204,13 +207,18 @@ class Runner:
         connections[self.worker.using].close()
 
     def _extend_leases(self) -> None:
-        """Push back the lease of every event this worker holds.
+        """Push back the leases of the batches this worker holds.
 
+        Only batches it will still record outcomes for (held_tokens): a batch
+        lost with a failed transaction must lapse, so the rescue hands it on.
         Events inside the outcome transaction are locked by it (and so safe
         from rescue); SKIP LOCKED leaves them alone rather than wait for them.
         """
+        tokens = self.worker.held_tokens
+        if not tokens:
+            return
         held = OutboxEvent.objects.using(self.worker.using).filter(
-            status=Status.PROCESSING, locked_by=self.worker.worker_id
+            status=Status.PROCESSING, lease_token__in=tokens
         )
         with transaction.atomic(using=self.worker.using):
             ids = list(

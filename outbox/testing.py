@@ -30,14 +30,16 @@ def drain(
     """
     worker = Worker(worker_id=DRAIN_WORKER_ID, batch_size=batch_size)
     total = BatchResult()
-    while max_events is None or total.claimed < max_events:
-        if max_events is not None:
-            worker.batch_size = min(worker.batch_size, max_events - total.claimed)
-        result = worker.run_once()
-        if not result.claimed:
-            break
-        total += result
-    total.released += worker.release_claimed_ahead()
+    try:
+        while max_events is None or total.claimed < max_events:
+            if max_events is not None:
+                worker.batch_size = min(worker.batch_size, max_events - total.claimed)
+            result = worker.run_once()
+            if not result.claimed:
+                break
+            total += result
+    finally:
+        total.released += worker.release_claimed_ahead()
     return total
 
 

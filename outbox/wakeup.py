@@ -34,6 +34,7 @@ class Waiter:
         self._listener: psycopg.Connection[Any] | None = None
         self._reconnect_delay = 0.0
         self._next_connect = 0.0
+        self._connected_since_last_wait = False
         # A pipe a signal handler may write to: select() wakes at once.
         self._interrupt_read, self._interrupt_write = os.pipe()
         os.set_blocking(self._interrupt_read, False)
@@ -49,10 +50,24 @@ class Waiter:
         except BlockingIOError:
             pass  # the pipe is full: a wake-up is already pending
 
+    def start(self) -> None:
+        """Start listening, before the worker's first claim.
+
+        Listening only after a claim found nothing would miss a commit made
+        in between until the next poll.
+        """
+        self._listening_connection()
+        self._connected_since_last_wait = False
+
     def wait(self, timeout: float) -> bool:
         """Wait up to timeout seconds; return True if woken before it."""
         sources = [self._interrupt_read]
         listener = self._listening_connection()
+        if self._connected_since_last_wait:
+            # Re-connected: whatever was committed while nobody listened sent
+            # its notification to no one, so look for work now.
+            self._connected_since_last_wait = False
+            return True
         if listener is not None:
             sources.append(listener.fileno())
         readable, _, _ = select.select(sources, [], [], timeout)
@@ -81,6 +96,7 @@ class Waiter:
             return None  # poll until the next attempt to reconnect
         try:
             self._listener = self._connect()
+            self._connected_since_last_wait = True
         except psycopg.Error as error:
             self._reconnect_delay = min(
                 max(self._reconnect_delay * 2, 0.1), RECONNECT_CAP_SECONDS

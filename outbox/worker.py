@@ -36,6 +36,7 @@ from outbox.compiled import CompiledUpdate
 from outbox.conf import OutboxSettings, get_settings
 from outbox.errors import HandlerNotFound, LeaseExpired, PermanentFailure, Retry
 from outbox.models import OutboxEvent, Status
+from outbox.publishing import notify_workers
 from outbox.registry import HandlerFunction, get_handler
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ class Worker:
         self._next_sweep = 0.0
         self._keys_to_recheck: set[str] = set()
         self._claimed_ahead: list[OutboxEvent] = []
+        #: Lease tokens of the batches this worker holds and will record
+        #: outcomes for; the heartbeat extends these leases and no others.
+        #: Replaced, never mutated, so the heartbeat thread can read it.
+        self.held_tokens: frozenset[int] = frozenset()
         self._compiled_ready: dict[int, tuple[str, tuple[Any, ...]]] = {}
         self._lease_update = CompiledUpdate(self._lease, using=self.using)
         self._completion_update = CompiledUpdate(self._complete, using=self.using)
@@ -110,27 +115,45 @@ class Worker:
             self.promote_orphaned_keys()
             self._next_sweep = now + self._sweep_every
         if self._keys_to_recheck:
-            with transaction.atomic(using=self.using):
-                self._promote_next_of_keys(self._keys_to_recheck)
+            self._recheck_keys()
         events, self._claimed_ahead = self._claimed_ahead or self.claim(), []
         if not events:
             return BatchResult()
         return self.process(events)
 
+    @property
+    def holds_claimed_ahead(self) -> bool:
+        """Whether a batch claimed ahead waits for the next tick."""
+        return bool(self._claimed_ahead)
+
     def release_claimed_ahead(self) -> int:
         """Give back the batch claimed for the next tick; call before stopping."""
         events, self._claimed_ahead = self._claimed_ahead, []
-        if events:
-            with transaction.atomic(using=self.using):
-                owned = self._mark_completed(events)
-                for event in owned:
-                    event.release()
+        if not events:
+            return 0
+        self._forget(events)
+        with transaction.atomic(using=self.using):
+            owned = self._mark_completed(events)
+            for event in owned:
+                event.release()
+            notify_workers(self.using)  # ready again, for other workers
         return len(events)
 
     def claim(self) -> list[OutboxEvent]:
         """Lock up to batch_size ready events and lease them to this worker."""
         with transaction.atomic(using=self.using):
-            return self._claim()
+            events = self._claim()
+        self._hold(events)
+        return events
+
+    def _hold(self, events: list[OutboxEvent]) -> None:
+        if events:
+            self.held_tokens = self.held_tokens | {events[0].lease_token or 0}
+
+    def _forget(self, events: list[OutboxEvent]) -> None:
+        """Stop extending the batch's lease: it is finished, released or lost."""
+        if events:
+            self.held_tokens = self.held_tokens - {events[0].lease_token or 0}
 
     def _claim(self) -> list[OutboxEvent]:
         """Lock and lease a batch inside the caller's transaction."""
@@ -169,6 +192,22 @@ class Worker:
         """Run the handlers of claimed events and record every outcome."""
         started = time.monotonic()
         result = BatchResult(claimed=len(events))
+        try:
+            ahead = self._process(events, result)
+        finally:
+            # Finished, or lost with a failed transaction: either way no
+            # longer this worker's to extend. A lost batch's lease lapses and
+            # the rescue gives it to whoever claims next.
+            self._forget(events)
+        self._claimed_ahead = ahead
+        self._hold(ahead)
+        self._log_batch(result, started)
+        return result
+
+    def _process(
+        self, events: list[OutboxEvent], result: BatchResult
+    ) -> list[OutboxEvent]:
+        """Record the batch's outcomes in one transaction; return the next batch."""
         with transaction.atomic(using=self.using):
             owned = self._mark_completed(events)
             result.lost = len(events) - len(owned)
@@ -178,26 +217,29 @@ class Worker:
             ordering.hold_back_behind(held_heads, self.using)
             if finished_keys:
                 self._promote_next_of_keys(finished_keys)
+            if result.released:
+                notify_workers(self.using)  # ready again, for other workers
             # A full batch suggests more work: claim the next one here, so its
             # lease commits with these outcomes, one commit per batch instead
             # of two. Its locks are held only from here to the commit.
             full = len(events) == self.batch_size and not result.released
-            ahead = self._claim() if full and not self.stop_requested.is_set() else []
-        self._claimed_ahead = ahead
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "outbox batch claimed=%d completed=%d retried=%d failed=%d "
-                "released=%d lost=%d duration_ms=%.1f",
-                result.claimed,
-                result.completed,
-                result.retried,
-                result.failed,
-                result.released,
-                result.lost,
-                (time.monotonic() - started) * 1000,
-                extra={"worker_id": self.worker_id, **vars(result)},
-            )
-        return result
+            return self._claim() if full and not self.stop_requested.is_set() else []
+
+    def _log_batch(self, result: BatchResult, started: float) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        logger.info(
+            "outbox batch claimed=%d completed=%d retried=%d failed=%d "
+            "released=%d lost=%d duration_ms=%.1f",
+            result.claimed,
+            result.completed,
+            result.retried,
+            result.failed,
+            result.released,
+            result.lost,
+            (time.monotonic() - started) * 1000,
+            extra={"worker_id": self.worker_id, **vars(result)},
+        )
 
     def _handle_all(
         self, owned: list[OutboxEvent], result: BatchResult
@@ -406,6 +448,18 @@ class Worker:
         ordering.promote_heads(keys, self.using)
         self._keys_to_recheck = (self._keys_to_recheck - keys) | busy
 
+    def _recheck_keys(self) -> None:
+        """Promote the keys a publisher or an operator held at the last try.
+
+        Unlike a head's own outcome transaction, this one holds no row lock
+        that an operator's retry would wait for, so a key still held is left
+        for the next tick rather than promoted under someone's feet.
+        """
+        with transaction.atomic(using=self.using):
+            busy = ordering.busy_keys(self._keys_to_recheck, self.using)
+            ordering.promote_heads(self._keys_to_recheck - busy, self.using)
+        self._keys_to_recheck = busy
+
 
 class _HandlerScope:
     """Run a batch's handlers in its transaction, each isolated from the others.
@@ -422,7 +476,9 @@ class _HandlerScope:
     def __init__(self, using: str) -> None:
         self.using = using
         self.connection = connections[using]
-        self.savepoints = 0
+        # Counts every savepoint Django opens from here on, the handlers' own
+        # atomic() blocks included, not just the scope's.
+        self._savepoints_before = self.connection.savepoint_state
         self._constraints_checked_now = False
         self._in_handler = False
         self._savepoint_id: str | None = None
@@ -430,8 +486,9 @@ class _HandlerScope:
 
     @property
     def exhausted(self) -> bool:
-        """Whether one more savepoint would overflow PostgreSQL's cache."""
-        return self.savepoints >= MAX_SUBTRANSACTIONS
+        """Whether the transaction has as many savepoints as PostgreSQL caches."""
+        opened = self.connection.savepoint_state - self._savepoints_before
+        return opened >= MAX_SUBTRANSACTIONS
 
     def __call__(
         self, execute: Any, sql: str, params: Any, many: bool, context: Any
@@ -479,7 +536,6 @@ class _HandlerScope:
             with self.connection.cursor() as cursor:
                 cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
             self._constraints_checked_now = True
-        self.savepoints += 1
         return self.connection.savepoint()
 
     def _roll_back(self) -> None:

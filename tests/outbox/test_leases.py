@@ -8,6 +8,7 @@ from django.db import OperationalError, connection
 
 from outbox import publish
 from outbox.models import OutboxEvent, Status
+from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
 from tests.outbox_app.models import SideEffect
 
@@ -181,3 +182,70 @@ def test_batch_claimed_ahead__is_lost_with_a_commit_that_fails(
     later.refresh_from_db()
     assert (later.status, later.attempts) == (Status.PENDING, 0)
     assert worker.release_claimed_ahead() == 0
+
+
+def heartbeat_and_tick(runner, seconds=1.5):
+    """What Runner does: the heartbeat extends leases every lease/3; ticks run."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        runner._extend_leases()
+        try:
+            runner._tick()
+        except Exception:
+            runner._discard_broken_connection()
+        time.sleep(0.05)
+
+
+def test_heartbeat__lets_the_lease_of_a_batch_lost_with_its_transaction_lapse(
+    register_handler, fast_outbox
+):
+    calls = []
+
+    def handler(event):
+        calls.append(event.pk)
+        if len(calls) == 1:  # the DB restarts / idle timeout kills the session
+            with connection.cursor() as c:
+                c.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        record_worker(event)
+
+    register_handler("effect", handler)
+    event = publish("effect", {})
+    worker = Worker(worker_id="w")  # lease 200 ms
+    runner = Runner(worker, RunOptions(poll_ms=50, listen=False))
+    try:
+        with pytest.raises(OperationalError):
+            worker.run_once()
+        runner._discard_broken_connection()
+        heartbeat_and_tick(runner)  # 7 lease periods
+    finally:
+        runner.waiter.close()
+    event.refresh_from_db()
+    assert event.status == Status.COMPLETED, (event.status, event.locked_until)
+
+
+def test_heartbeat__lets_a_batch_claimed_ahead_by_an_ambiguous_commit_lapse(
+    register_handler, fast_outbox, monkeypatch
+):
+    register_handler("effect", record_worker)
+    publish("effect", {})
+    later = publish("effect", {})
+    worker = Worker(worker_id="w", batch_size=1)
+    runner = Runner(worker, RunOptions(poll_ms=50, listen=False))
+    claimed = worker.claim()
+    real_commit = connection.commit
+
+    def commit_then_lose_the_reply():
+        real_commit()
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(connection, "commit", commit_then_lose_the_reply)
+    with pytest.raises(OperationalError):
+        worker.process(claimed)
+    monkeypatch.undo()
+    try:
+        assert worker._claimed_ahead == []
+        heartbeat_and_tick(runner)
+    finally:
+        runner.waiter.close()
+    later.refresh_from_db()
+    assert later.status == Status.COMPLETED, (later.status, later.locked_by)

@@ -1,11 +1,14 @@
 """Operators' retry and discard (outbox.operations), which the admin calls."""
 
+import threading
+import time
 from datetime import timedelta
 
 import pytest
+from django.db import connections
 from django.utils import timezone
 
-from outbox import operations, publish
+from outbox import operations, ordering, publish
 from outbox.models import OutboxEvent, Status
 from outbox.operations import discard_events, retry_events
 from outbox.testing import drain
@@ -249,3 +252,65 @@ def test_discard_events__discarding_a_waiting_event_keeps_the_head(handled) -> N
     assert ready_ids() == [head.pk]
     drain()
     assert handled == ["head", "last"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("promoter", ["sweep", "recheck"])
+def test_promotion__racing_an_operator_retry_leaves_one_head(
+    register_handler, monkeypatch, promoter
+):
+    seen = []
+    register_handler("step", lambda event: seen.append(event.payload["name"]))
+    first = publish("step", {"name": "first"}, key="k")
+    orphan = publish("step", {"name": "second"}, key="k")
+    assert orphan.waiting
+    # first failed for good; the second was left waiting with nothing ahead
+    # (the worker that finished first died, or a publisher held the key when
+    # it finished: the cases the sweep and the worker's recheck exist for).
+    OutboxEvent.objects.filter(pk=first.pk).update(status=Status.FAILED, attempts=1)
+
+    in_txn, go = threading.Event(), threading.Event()
+
+    def paused_notify(using):
+        in_txn.set()
+        go.wait(5)
+
+    monkeypatch.setattr("outbox.operations.notify_workers", paused_notify)
+    worker = Worker(worker_id="w")
+    worker._next_rescue = worker._next_sweep = float("inf")
+
+    def operator():
+        try:
+            retry_events([first.pk], actor="ops")
+        finally:
+            connections.close_all()
+
+    def promote():
+        try:
+            if promoter == "sweep":
+                ordering.promote_orphaned_heads("default")
+            else:
+                worker._keys_to_recheck = {"k"}
+                worker.run_once()  # recheck of the busy key, then claim
+        finally:
+            connections.close_all()
+
+    op = threading.Thread(target=operator)
+    op.start()
+    assert in_txn.wait(5)  # operator: key + rows locked, first re-opened as head
+    pr = threading.Thread(target=promote)
+    pr.start()
+    time.sleep(0.5)  # the promoter chose from its snapshot, waits on the row lock
+    go.set()
+    op.join()
+    pr.join()
+
+    if promoter == "sweep":
+        heads = list(
+            OutboxEvent.objects.filter(
+                key="k", status__in=["pending", "processing"], waiting=False
+            ).values_list("pk", flat=True)
+        )
+        assert heads == [first.pk]
+    else:
+        assert seen in ([], ["first"])
