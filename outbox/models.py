@@ -289,10 +289,6 @@ class OutboxEvent(models.Model):
             },
         ][-HISTORY_LIMIT:]
 
-    @property
-    def attempts_left(self) -> int:
-        return max(self.max_attempts - self.attempts, 0)
-
     def describe(self) -> dict[str, Any]:
         """Return the event's identity for structured logs: never the payload."""
         return {

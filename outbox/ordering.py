@@ -148,14 +148,6 @@ def rejoin(event: OutboxEvent, using: str) -> bool:
     return True
 
 
-def has_unfinished(key: str, using: str, *, excluding: int | None = None) -> bool:
-    """Return whether key has a pending or processing event (under its lock)."""
-    events = OutboxEvent.objects.using(using).unfinished_of_key(key)
-    if excluding is not None:
-        events = events.exclude(pk=excluding)
-    return events.exists()
-
-
 def promote_orphaned_heads(using: str) -> int:
     """Give every key with unfinished events a claimable head again.
 
