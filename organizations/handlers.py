@@ -6,6 +6,7 @@ completes without sending. A malformed payload is a PermanentFailure; an SMTP
 error propagates and the outbox retries it.
 """
 
+from collections.abc import Iterable
 from typing import Any
 
 from django.conf import settings
@@ -86,19 +87,17 @@ def announce_new_member(event: OutboxEvent) -> None:
         memberships__role=Role.ADMIN,
         is_active=True,
     ).exclude(pk=membership.user_id)
-    for admin in admins:
-        emails.send(
-            "member_joined",
-            to=admin.email,
-            context={
-                "admin": admin,
-                "member": membership.user,
-                "membership": membership,
-                "organization": membership.organization,
-            },
-            event_uuid=event.uuid,
-            recipient_id=admin.pk,
-        )
+    _tell_each(
+        event,
+        "member_joined",
+        admins,
+        recipient_name="admin",
+        context={
+            "member": membership.user,
+            "membership": membership,
+            "organization": membership.organization,
+        },
+    )
 
 
 @handler("membership.role_changed")
@@ -138,18 +137,35 @@ def announce_project(event: OutboxEvent) -> None:
     members = User.objects.filter(
         memberships__organization=project.organization, is_active=True
     ).exclude(pk=actor_id)
-    for member in members:
+    _tell_each(
+        event,
+        "project_created",
+        members,
+        recipient_name="user",
+        context={
+            "project": project,
+            "organization": project.organization,
+            "creator": creator.get_full_name() if creator else "Someone",
+        },
+    )
+
+
+def _tell_each(
+    event: OutboxEvent,
+    template: str,
+    recipients: Iterable[User],
+    *,
+    recipient_name: str,
+    context: dict[str, Any],
+) -> None:
+    """Mail each recipient, each message with its own stable Message-ID."""
+    for recipient in recipients:
         emails.send(
-            "project_created",
-            to=member.email,
-            context={
-                "project": project,
-                "organization": project.organization,
-                "user": member,
-                "creator": creator.get_full_name() if creator else "Someone",
-            },
+            template,
+            to=recipient.email,
+            context={**context, recipient_name: recipient},
             event_uuid=event.uuid,
-            recipient_id=member.pk,
+            recipient_id=recipient.pk,
         )
 
 

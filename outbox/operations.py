@@ -79,13 +79,7 @@ def retry_events(
             _apply(_lock(chunk, using), retry, result)
             if len(result.changed) > changed_before:
                 notify_workers(using)
-    if result.changed:
-        logger.info(
-            "outbox events retried by an operator: changed=%d skipped=%d",
-            len(result.changed),
-            result.skipped_count,
-            extra={"changed": len(result.changed), "skipped": result.skipped_count},
-        )
+    _log("retried", result)
     return result
 
 
@@ -121,14 +115,19 @@ def discard_events(
             # told, as no insert will tell them).
             if ordering.promote_heads(heads_gone, using):
                 notify_workers(using)
+    _log("discarded", result)
+    return result
+
+
+def _log(action: str, result: OperationResult) -> None:
     if result.changed:
         logger.info(
-            "outbox events discarded by an operator: changed=%d skipped=%d",
+            "outbox events %s by an operator: changed=%d skipped=%d",
+            action,
             len(result.changed),
             result.skipped_count,
             extra={"changed": len(result.changed), "skipped": result.skipped_count},
         )
-    return result
 
 
 def _retry_refusal(event: OutboxEvent) -> str | None:

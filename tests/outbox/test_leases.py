@@ -124,6 +124,18 @@ def test_event_that_keeps_killing_workers__ends_failed(register_handler, fast_ou
     assert not SideEffect.objects.exists()
 
 
+def process_losing_the_connection_at_commit(worker, claimed, monkeypatch) -> None:
+    """Run process() on a connection whose COMMIT fails as if it dropped."""
+
+    def lose_the_connection() -> None:
+        raise OperationalError("server closed the connection unexpectedly")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(connection, "commit", lose_the_connection)
+        with pytest.raises(OperationalError):
+            worker.process(claimed)
+
+
 def test_handler_writes__are_lost_with_a_completion_that_fails_to_commit(
     register_handler, monkeypatch
 ):
@@ -132,13 +144,7 @@ def test_handler_writes__are_lost_with_a_completion_that_fails_to_commit(
     worker = Worker(worker_id="w")
     claimed = worker.claim()
 
-    def lose_the_connection() -> None:
-        raise OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(connection, "commit", lose_the_connection)
-    with pytest.raises(OperationalError):
-        worker.process(claimed)
-    monkeypatch.undo()
+    process_losing_the_connection_at_commit(worker, claimed, monkeypatch)
 
     event.refresh_from_db()
     assert (event.status, event.locked_by) == (Status.PROCESSING, "w")
@@ -171,13 +177,7 @@ def test_batch_claimed_ahead__is_lost_with_a_commit_that_fails(
     worker = Worker(worker_id="w", batch_size=1)
     claimed = worker.claim()
 
-    def lose_the_connection() -> None:
-        raise OperationalError("server closed the connection unexpectedly")
-
-    monkeypatch.setattr(connection, "commit", lose_the_connection)
-    with pytest.raises(OperationalError):
-        worker.process(claimed)
-    monkeypatch.undo()
+    process_losing_the_connection_at_commit(worker, claimed, monkeypatch)
 
     later.refresh_from_db()
     assert (later.status, later.attempts) == (Status.PENDING, 0)
