@@ -9,7 +9,7 @@ COMPAT_BIN := $(COMPAT_VENV)/bin
 # The test suite's PostgreSQL; each run creates its own uniquely named database.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 
-.PHONY: demo test lint test-postgres test-sqlite test-compat clean
+.PHONY: demo test test-fast lint test-postgres test-sqlite test-compat mutants clean
 
 $(BIN)/.installed: pyproject.toml
 	"$$(scripts/find-python)" -m venv "$(VENV)"
@@ -40,6 +40,16 @@ test-postgres: $(BIN)/.installed
 
 test-sqlite: $(BIN)/.installed
 	DATABASE_URL="sqlite://:memory:" "$(BIN)/pytest" -m sqlite
+
+## test-fast: the PostgreSQL suite without the tests marked slow (worker
+## processes, crashes, large tables), for a quick check while editing.
+test-fast: $(BIN)/.installed
+	DATABASE_URL="$(TEST_DATABASE_URL)" "$(BIN)/pytest" -m "not slow" -q
+
+## mutants: apply each named broken variant in mutants/*.toml to a copy of
+## the tree and check that its tests fail; exits non-zero if one survives.
+mutants: $(BIN)/.installed
+	DATABASE_URL="$(TEST_DATABASE_URL)" "$(BIN)/python" mutants/run.py
 
 ## test-compat: the outbox app's tests on Python 3.11 and Django 5.2 LTS.
 test-compat: $(COMPAT_BIN)/.installed
