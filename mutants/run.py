@@ -172,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown mutants: {', '.join(sorted(unknown))}")
         mutants = [mutant for mutant in mutants if mutant.name in options.names]
+    if not mutants:
+        print(f"no mutants in {CATALOGUE}")
+        return 1
     with tempfile.TemporaryDirectory(prefix="outbox-mutants-") as directory:
         scratch = Path(directory)
         base = scratch / "base"

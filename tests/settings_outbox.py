@@ -5,6 +5,7 @@ admin and what it needs are here for the operator's console (outbox/admin.py).
 """
 
 import os
+from typing import Any
 
 import dj_database_url
 
@@ -49,3 +50,12 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SECRET_KEY = "tests-only-not-a-secret"
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# The worker tests' subprocesses take their timings from OUTBOX_* variables,
+# read here as config/settings.py reads them for the project.
+OUTBOX: dict[str, Any] = {
+    name.removeprefix("OUTBOX_"): value
+    for name, value in os.environ.items()
+    if name.startswith("OUTBOX_") and name != "OUTBOX_LISTEN"
+}
+OUTBOX["LISTEN"] = os.environ.get("OUTBOX_LISTEN", "1") != "0"

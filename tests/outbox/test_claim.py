@@ -1,3 +1,4 @@
+import threading
 import time
 from datetime import timedelta
 
@@ -306,3 +307,44 @@ def test_batch_claimed_ahead__is_cut_to_a_smaller_limit(register_handler):
 
     assert (result.completed, result.released) == (1, 2)
     assert OutboxEvent.objects.filter(status=Status.PENDING, attempts=0).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claim__skips_events_another_claim_holds_without_waiting():
+    """A claim in flight holds its rows; a second claimer takes the others at once.
+
+    Without FOR UPDATE the second claimer would take the held row too (and
+    overwrite its lease when the first commits); without SKIP LOCKED it would
+    wait for the first. A lock timeout turns either into an error.
+    """
+    held, free = publish("x", {}), publish("x", {})
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_a_claim_open() -> None:
+        try:
+            with transaction.atomic():
+                Worker(worker_id="holder", batch_size=1)._claim()
+                holding.set()
+                release.wait(10)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=hold_a_claim_open)
+    thread.start()
+    try:
+        assert holding.wait(5)
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '2s'")
+        claimed = Worker(worker_id="rival", batch_size=10).claim()
+    finally:
+        release.set()
+        thread.join(5)
+        connection.close()  # forget the session's lock timeout
+
+    assert [event.pk for event in claimed] == [free.pk]
+    held.refresh_from_db()
+    assert (held.status, held.locked_by, held.attempts) == (
+        Status.PROCESSING,
+        "holder",
+        1,
+    )

@@ -163,17 +163,24 @@ def make_runner() -> Runner:
     return runner
 
 
-def test_worker__prunes_on_schedule_when_the_setting_is_on(mix) -> None:
+def test_worker__prunes_once_a_minute_when_the_setting_is_on(mix, monkeypatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("outbox.runner.time.monotonic", lambda: clock[0])
     with override_settings(OUTBOX={"PRUNE_AFTER_DAYS": "7"}):
         runner = make_runner()
         try:
             runner._tick()
-            runner._tick()  # not due again for a minute
+            assert remaining(mix) == set(mix) - {"old_completed"}
+            later = aged(OutboxEventFactory.create(completed=True))
+            clock[0] += 59
+            runner._tick()  # not due again yet
+            assert OutboxEvent.objects.filter(pk=later.pk).exists()
+            clock[0] += 2
+            runner._tick()
         finally:
             runner.waiter.close()
 
-    assert remaining(mix) == set(mix) - {"old_completed"}
-    assert runner._next_prune > 0
+    assert not OutboxEvent.objects.filter(pk=later.pk).exists()
 
 
 def test_worker__does_not_prune_by_default(mix) -> None:

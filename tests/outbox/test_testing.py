@@ -21,11 +21,18 @@ def test_drain__handles_every_ready_event_inside_a_test_transaction() -> None:
 
 @pytest.mark.sqlite
 @pytest.mark.django_db
-def test_drain__stops_at_max_events() -> None:
-    for _ in range(5):
-        publish("outbox_testapp.discovered", {})
+def test_drain__stops_at_max_events_and_gives_back_the_rest_uncharged() -> None:
+    events = [publish("outbox_testapp.discovered", {}) for _ in range(5)]
 
-    assert drain(max_events=2, batch_size=10).claimed == 2
+    result = drain(max_events=2, batch_size=10)
+
+    # The second batch was claimed ahead with the first one's outcomes.
+    assert (result.claimed, result.completed, result.released) == (2, 2, 2)
+    untouched = (Status.PENDING, 0, "", None)
+    assert [
+        (event.status, event.attempts, event.locked_by, event.locked_until)
+        for event in OutboxEvent.objects.filter(pk__in=[e.pk for e in events[2:]])
+    ] == [untouched] * 3
 
 
 @pytest.mark.sqlite

@@ -1,17 +1,21 @@
 """run_outbox_worker as operators run it: real processes, real signals."""
 
 import signal
+import sqlite3
 import time
+from collections import Counter
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.utils import timezone
 
 from outbox import publish
 from outbox.models import OutboxEvent, OutboxWorker, Status
-from tests.outbox.worker_process import WorkerProcess, wait_until
-from tests.outbox_app.models import SideEffect
+from tests.outbox.worker_process import WorkerProcess, manage, wait_until
+from tests.outbox_app.models import HandlerRun, SideEffect
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,8 +29,15 @@ def workers() -> Iterator[list[WorkerProcess]]:
         worker.kill()
 
 
-def start(workers: list[WorkerProcess], *arguments: str, **environment: str):
-    worker = WorkerProcess(*arguments, environment=environment)
+def start(
+    workers: list[WorkerProcess],
+    *arguments: str,
+    database_url: str | None = None,
+    **environment: str,
+):
+    worker = WorkerProcess(
+        *arguments, environment=environment, database_url=database_url
+    )
     workers.append(worker)
     return worker
 
@@ -62,7 +73,7 @@ def test_verbosity_2__logs_each_event_without_its_payload(workers):
     assert "ann@example.com" not in worker.output
 
 
-def test_max_events__stops_after_that_many(workers):
+def test_max_events__stops_after_that_many_and_gives_back_the_rest(workers):
     for number in range(10):
         publish("outbox_testapp.record", {"n": number})
 
@@ -70,6 +81,13 @@ def test_max_events__stops_after_that_many(workers):
 
     assert worker.wait() == 0
     assert count(Status.COMPLETED) == 4
+    # Two of the batch claimed ahead were past the limit: given back uncharged.
+    assert "released=2" in worker.output
+    assert set(
+        OutboxEvent.objects.exclude(status=Status.COMPLETED).values_list(
+            "status", "attempts", "locked_by", "locked_until"
+        )
+    ) == {(Status.PENDING, 0, "", None)}
 
 
 def test_wakeup__handles_a_committed_event_without_waiting_for_the_poll(workers):
@@ -100,6 +118,22 @@ def test_sigterm__while_idle_exits_0_at_once(workers):
     assert worker.wait(timeout=5) == 0
     assert "outbox worker stopping on SIGTERM" in worker.output
     assert "outbox worker stopped cleanly" in worker.output
+
+
+def test_polling__a_worker_that_does_not_listen_picks_up_a_new_event(workers):
+    worker = start(workers, "--poll-ms", "100", OUTBOX_LISTEN="0")
+    worker.wait_for_output("outbox worker started")
+    assert "listen=False" in worker.output
+
+    # Ready a second from now: long after the worker's first claim found
+    # nothing, so only a later poll can pick it up.
+    publish(
+        "outbox_testapp.record", {}, available_at=timezone.now() + timedelta(seconds=1)
+    )
+
+    wait_until(lambda: count(Status.COMPLETED) == 1, timeout=5)
+    assert "outbox listening" not in worker.output
+    assert worker.stop() == 0
 
 
 def test_sigint__while_idle_on_sqlite_style_polling_exits_0(workers):
@@ -148,7 +182,8 @@ def test_second_signal__exits_at_once_and_the_lease_covers_the_event(workers, tm
     worker.wait_for_output("stopping on SIGTERM")
     worker.send(signal.SIGTERM)
 
-    assert worker.wait(timeout=5) != 0
+    assert worker.wait(timeout=5) == 128 + signal.SIGTERM
+    assert "received SIGTERM again: exiting at once" in worker.output
     slow.refresh_from_db()
     assert slow.status == Status.PROCESSING
     assert slow.locked_until is not None
@@ -172,30 +207,59 @@ def test_shutdown_timeout__exits_non_zero_when_the_handler_outlives_it(
     assert slow.status == Status.PROCESSING
 
 
-def test_kill_9__a_second_worker_completes_everything_exactly_once(workers, tmp_path):
-    started = tmp_path / "started"
+@pytest.mark.slow
+def test_kill_9__mid_batch_loses_nothing_and_repeats_no_database_effect(
+    workers, tmp_path
+):
+    log, started, gate = tmp_path / "log", tmp_path / "started", tmp_path / "gate"
     events = [
         publish(
-            "outbox_testapp.sleep",
-            {"seconds": 0.2, "started_file": str(started) if n == 3 else ""},
+            "outbox_testapp.run",
+            {"log": str(log)}
+            | (
+                {"started_file": str(started), "wait_for_file": str(gate)}
+                if n == 3
+                else {}
+            ),
         )
         for n in range(20)
     ]
-    doomed = start(workers, "--batch-size", "5", "--stuck-timeout-ms", "1000")
-    wait_until(started.exists)
+    doomed = start(
+        workers,
+        "--batch-size",
+        "5",
+        "--stuck-timeout-ms",
+        "1000",
+        "--worker-id",
+        "doomed",
+    )
+    wait_until(started.exists)  # the fourth handler of the first batch runs
     doomed.process.kill()  # SIGKILL mid-batch
     doomed.wait()
 
+    # Four handlers ran (their external effects happened); none of their
+    # database effects committed, and the batch is still leased to the dead.
+    assert len(log.read_text().split()) == 4
+    assert not HandlerRun.objects.exists()
+    assert set(
+        OutboxEvent.objects.filter(status=Status.PROCESSING).values_list("locked_by")
+    ) == {("doomed",)}
+    assert count(Status.PROCESSING) == 5
+    gate.touch()
     heir = start(workers, "--poll-ms", "100", "--stuck-timeout-ms", "1000")
     wait_until(lambda: count(Status.COMPLETED) == len(events), timeout=20)
 
     assert heir.stop() == 0
-    assert SideEffect.objects.count() == len(events)  # one per event, no more
-    assert OutboxEvent.objects.filter(history__0__error="outbox.errors.LeaseExpired")
+    runs = Counter(HandlerRun.objects.values_list("event_uuid", flat=True))
+    assert runs == Counter(event.uuid for event in events)  # once each, no more
+    external = Counter(log.read_text().split())
+    assert sorted(external.values()) == [1] * 16 + [2] * 4  # at least once
+    rescued = OutboxEvent.objects.filter(history__0__error="outbox.errors.LeaseExpired")
+    assert rescued.count() == 5
 
 
-def test_slow_handler__of_a_live_worker_is_not_taken_over(workers):
-    event = publish("outbox_testapp.sleep", {"seconds": 2})
+@pytest.mark.slow
+def test_slow_handler__of_a_live_worker_is_not_taken_over(workers, tmp_path):
     for name in ("first", "second"):
         start(
             workers,
@@ -206,14 +270,22 @@ def test_slow_handler__of_a_live_worker_is_not_taken_over(workers):
             "--stuck-timeout-ms",
             "500",
         )
+    for worker in workers:
+        worker.wait_for_output("outbox listening")
+    started = tmp_path / "started"
+    event = publish(
+        "outbox_testapp.sleep", {"seconds": 2, "started_file": str(started)}
+    )
+    wait_until(started.exists)
 
+    # Four lease periods pass while the handler runs and the rival polls.
     wait_until(lambda: count(Status.COMPLETED) == 1, timeout=15)
-    time.sleep(0.5)
-
     event.refresh_from_db()
     assert event.attempts == 1
     assert SideEffect.objects.count() == 1
+    assert all(worker.process.poll() is None for worker in workers)
     assert [worker.stop() for worker in workers] == [0, 0]
+    assert "rescued" not in workers[0].output + workers[1].output
 
 
 def terminate_other_backends() -> int:
@@ -262,12 +334,26 @@ def test_tick_failure__is_logged_and_the_next_tick_runs(workers):
 
 
 def test_identity__a_running_worker_is_recorded_until_it_stops(workers):
-    worker = start(workers, "--worker-id", "visible", "--poll-ms", "50")
+    worker = start(
+        workers,
+        "--worker-id",
+        "visible",
+        "--poll-ms",
+        "50",
+        "--stuck-timeout-ms",
+        "300",
+    )
     worker.wait_for_output("outbox listening")
 
     record = OutboxWorker.objects.get(worker_id="visible")
     assert record.pid == worker.pid
-    assert record.started_at <= record.last_seen_at
+    # Its heartbeat (every 100 ms with this lease) keeps it looking alive.
+    wait_until(
+        lambda: OutboxWorker.objects.filter(
+            worker_id="visible", last_seen_at__gt=record.started_at
+        ).exists(),
+        timeout=5,
+    )
     assert worker.stop() == 0
     assert not OutboxWorker.objects.filter(worker_id="visible").exists()
 
@@ -290,3 +376,61 @@ def test_invalid_option__fails_naming_it(option, value):
 def test_empty_worker_id__is_refused():
     with pytest.raises(CommandError, match="--worker-id"):
         call_command("run_outbox_worker", "--worker-id", " ")
+
+
+SQLITE_EVENTS = 200
+PUBLISH_ON_SQLITE = f"""
+from outbox import NewEvent, publish_many
+publish_many(
+    NewEvent("outbox_testapp.run", {{"log": LOG, "seconds": 0.002}})
+    for _ in range({SQLITE_EVENTS})
+)
+"""
+
+
+@pytest.mark.slow
+def test_sqlite__two_workers_on_one_file_handle_every_event_once(workers, tmp_path):
+    """The embedded default: IMMEDIATE transactions serialise the two claimers.
+
+    Each event runs once, and neither worker ever meets "database is locked":
+    the one that waits for the other's transaction waits at its BEGIN. (Which
+    worker gets how many events is up to SQLite's lock; often one gets all.)
+    """
+    url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    log = tmp_path / "log"
+    manage(url, "migrate", "--run-syncdb", "--no-input")
+    for name in ("one", "two"):
+        start(
+            workers,
+            "--worker-id",
+            name,
+            "--poll-ms",
+            "20",
+            "--batch-size",
+            "4",
+            database_url=url,
+        )
+    for worker in workers:
+        worker.wait_for_output("outbox worker started")
+
+    manage(url, "shell", "-c", f"LOG = {str(log)!r}" + PUBLISH_ON_SQLITE)
+
+    with sqlite3.connect(tmp_path / "outbox.sqlite3", timeout=20) as database:
+        wait_until(
+            lambda: (
+                database.execute(
+                    "SELECT count(*) FROM outbox_outboxevent WHERE status = 'completed'"
+                ).fetchone()[0]
+                == SQLITE_EVENTS
+            ),
+            timeout=60,
+            context=lambda: workers[0].output + workers[1].output,
+        )
+        runs = database.execute(
+            "SELECT count(*), count(DISTINCT event_uuid) FROM outbox_testapp_handlerrun"
+        ).fetchone()
+    assert [worker.stop() for worker in workers] == [0, 0]
+    assert runs == (SQLITE_EVENTS, SQLITE_EVENTS)  # once each
+    output = workers[0].output + workers[1].output
+    assert "tick failed" not in output
+    assert "locked" not in output

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from django.conf import settings
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,18 +26,46 @@ def test_database_url() -> str:
     )
 
 
+def worker_environment(database_url: str, **overrides: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        **FAST_ENVIRONMENT,
+        **overrides,
+        "DATABASE_URL": database_url,
+        # The tests' own settings: the outbox-only ones under the Django 5.2
+        # run, so its workers, too, load nothing of the project.
+        "DJANGO_SETTINGS_MODULE": settings.SETTINGS_MODULE,
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def manage(database_url: str, *arguments: str) -> str:
+    """Run a manage.py command to its end against that database; return its output."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *arguments],
+        cwd=ROOT,
+        env=worker_environment(database_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 class WorkerProcess:
     """A worker subprocess whose output is collected line by line."""
 
-    def __init__(self, *arguments: str, environment: dict[str, str] | None = None):
-        env = {
-            **os.environ,
-            **FAST_ENVIRONMENT,
-            **(environment or {}),
-            "DATABASE_URL": test_database_url(),
-            "DJANGO_SETTINGS_MODULE": "tests.settings",
-            "PYTHONUNBUFFERED": "1",
-        }
+    def __init__(
+        self,
+        *arguments: str,
+        environment: dict[str, str] | None = None,
+        database_url: str | None = None,
+    ):
+        env = worker_environment(
+            database_url or test_database_url(), **(environment or {})
+        )
         self.process = subprocess.Popen(
             [sys.executable, "manage.py", "run_outbox_worker", *arguments],
             cwd=ROOT,

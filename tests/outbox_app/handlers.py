@@ -9,7 +9,7 @@ from pathlib import Path
 
 from outbox import handler
 from outbox.models import OutboxEvent
-from tests.outbox_app.models import SideEffect
+from tests.outbox_app.models import HandlerRun, SideEffect
 
 
 @handler("outbox_testapp.discovered")
@@ -36,3 +36,20 @@ def sleep_then_record(event: OutboxEvent) -> None:
 def record_start_time(event: OutboxEvent) -> None:
     """Record when the handler started, to measure commit-to-handler latency."""
     SideEffect.objects.create(event_uuid=event.uuid, note=repr(time.time()))
+
+
+@handler("outbox_testapp.run")
+def log_then_record(event: OutboxEvent) -> None:
+    """Append the event's UUID to payload['log'] (an external effect), touch
+    payload['started_file'], wait for payload['wait_for_file'] to exist, sleep
+    payload['seconds'], then write a HandlerRun row (a database effect)."""
+    payload = event.payload
+    with Path(payload["log"]).open("a") as log:
+        log.write(f"{event.uuid}\n")
+    if started_file := payload.get("started_file"):
+        Path(started_file).touch()
+    if gate := payload.get("wait_for_file"):
+        while not Path(gate).exists():
+            time.sleep(0.01)
+    time.sleep(payload.get("seconds", 0))
+    HandlerRun.objects.create(event_uuid=event.uuid, worker=event.locked_by)

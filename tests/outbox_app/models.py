@@ -20,3 +20,14 @@ class SideEffect(models.Model):
 
     def __str__(self) -> str:
         return f"{self.note or 'effect'} of {self.event_uuid}"
+
+
+class HandlerRun(models.Model):
+    """A database write made by a test handler, with no uniqueness: every run
+    that commits leaves a row, so a repeated database effect shows up."""
+
+    event_uuid = models.UUIDField()
+    worker = models.CharField(max_length=200)
+
+    def __str__(self) -> str:
+        return f"run of {self.event_uuid} by {self.worker}"
