@@ -1,17 +1,47 @@
 """Every row of the JSON API: success, wrong role, other organization, bad input."""
 
+from typing import Any
+
 import pytest
+from django.db.models import Model
 from django.test import Client
 
-from organizations.models import AuditEntry, Invitation, Membership, Project, Role
+from organizations.models import (
+    AuditEntry,
+    Invitation,
+    Membership,
+    Organization,
+    Project,
+    Role,
+)
 from outbox.models import OutboxEvent
 from tests.factories import ProjectFactory
 
 pytestmark = pytest.mark.django_db
 
+#: What a refused request must leave exactly as it was.
+GUARDED: tuple[type[Model], ...] = (
+    Organization,
+    Invitation,
+    Membership,
+    Project,
+    AuditEntry,
+    OutboxEvent,
+)
+
+NOT_FOUND = {"error": "No such organization."}
+
 
 def events(event_type: str) -> list[OutboxEvent]:
     return list(OutboxEvent.objects.filter(event_type=event_type))
+
+
+def rows() -> dict[str, list[dict[str, Any]]]:
+    """Return every row of the guarded models, to compare before and after."""
+    return {
+        model.__name__: list(model._default_manager.order_by("pk").values())
+        for model in GUARDED
+    }
 
 
 # --- authentication -------------------------------------------------------
@@ -130,11 +160,14 @@ def test_create_organization__writes_admin_membership_audit_and_event(
 
 
 def test_create_organization__taken_slug_is_a_conflict(api_as, organization, admin):
-    response = api_as(admin).post("organizations", {"name": "Other", "slug": "acme"})
+    api = api_as(admin)
+    before = rows()
+
+    response = api.post("organizations", {"name": "Other", "slug": "acme"})
 
     assert response.status_code == 409
     assert response.json_body["fields"] == {"slug": ["This slug is taken."]}
-    assert not events("organization.created")
+    assert rows() == before
 
 
 def test_create_organization__bad_input_names_each_field(api_as, stranger_user):
@@ -167,22 +200,29 @@ def test_invite__writes_invitation_audit_and_one_event(api_as, organization, adm
 
 
 @pytest.mark.parametrize("role", [Role.MEMBER, Role.VIEWER])
-def test_invite__needs_an_admin(api_as, member_with, role):
-    response = api_as(member_with(role)).post(
+def test_invite__needs_an_admin(api_as, admin, member_with, role):
+    api = api_as(member_with(role))
+    before = rows()
+
+    response = api.post(
         "organizations/acme/invitations", {"email": "x@example.com", "role": "member"}
     )
 
     assert response.status_code == 403
-    assert not Invitation.objects.exists()
+    assert rows() == before
 
 
-def test_invite__another_organization_is_not_found(api_as, organization, outsider):
-    response = api_as(outsider).post(
+def test_invite__another_organization_is_not_found(api_as, admin, outsider):
+    api = api_as(outsider)
+    before = rows()
+
+    response = api.post(
         "organizations/acme/invitations", {"email": "x@example.com", "role": "member"}
     )
 
     assert response.status_code == 404
-    assert not Invitation.objects.exists()
+    assert response.json_body == NOT_FOUND
+    assert rows() == before
 
 
 def test_invite__bad_input_names_each_field(api_as, admin):
@@ -196,14 +236,16 @@ def test_invite__bad_input_names_each_field(api_as, admin):
 
 def test_invite__an_existing_member_is_a_conflict(api_as, admin, member_with):
     member = member_with(Role.VIEWER)
+    api = api_as(admin)
+    before = rows()
 
-    response = api_as(admin).post(
+    response = api.post(
         "organizations/acme/invitations",
         {"email": member.email.upper(), "role": "admin"},
     )
 
     assert response.status_code == 409
-    assert not events("user.invited")
+    assert rows() == before
 
 
 def test_invite__again_revokes_the_open_invitation(api_as, admin):
@@ -231,12 +273,29 @@ def test_members__any_member_lists_them(api_as, admin, member_with):
     assert roles == {admin.pk: "admin", viewer.pk: "viewer"}
 
 
-def test_members__another_organization_is_not_found(api_as, organization, outsider):
-    assert api_as(outsider).get("organizations/acme/members").status_code == 404
+def test_members__another_organizations_members_are_not_listed(api_as, admin, outsider):
+    response = api_as(admin).get("organizations/acme/members")
+
+    assert response.status_code == 200
+    assert [row["user_id"] for row in response.json_body["members"]] == [admin.pk]
+
+
+def test_members__another_organization_is_not_found(api_as, admin, outsider):
+    api = api_as(outsider)
+    before = rows()
+
+    response = api.get("organizations/acme/members")
+
+    assert response.status_code == 404
+    assert response.json_body == NOT_FOUND  # no member, and not "forbidden"
+    assert rows() == before
 
 
 def test_members__an_organization_that_does_not_exist_is_not_found(api_as, admin):
-    assert api_as(admin).get("organizations/nope/members").status_code == 404
+    response = api_as(admin).get("organizations/nope/members")
+
+    assert response.status_code == 404
+    assert response.json_body == NOT_FOUND
 
 
 def test_change_role__writes_role_audit_and_event(api_as, admin, member_with):
@@ -261,32 +320,45 @@ def test_change_role__writes_role_audit_and_event(api_as, admin, member_with):
     )
 
 
-def test_change_role__needs_an_admin(api_as, member_with, admin):
-    member = member_with(Role.MEMBER)
+@pytest.mark.parametrize("role", [Role.MEMBER, Role.VIEWER])
+def test_change_role__needs_an_admin(api_as, admin, member_with, role):
+    api = api_as(member_with(role))
+    target = member_with(Role.VIEWER)
+    before = rows()
 
-    response = api_as(member).patch(
-        f"organizations/acme/members/{admin.pk}", {"role": "viewer"}
-    )
+    response = api.patch(f"organizations/acme/members/{target.pk}", {"role": "admin"})
 
     assert response.status_code == 403
+    assert rows() == before
 
 
-def test_change_role__another_organization_is_not_found(api_as, outsider, admin):
-    response = api_as(outsider).patch(
-        f"organizations/acme/members/{admin.pk}", {"role": "viewer"}
-    )
+def test_change_role__another_organization_is_not_found(
+    api_as, admin, member_with, outsider
+):
+    target = member_with(Role.MEMBER)
+    api = api_as(outsider)
+    before = rows()
+
+    response = api.patch(f"organizations/acme/members/{target.pk}", {"role": "viewer"})
 
     assert response.status_code == 404
+    assert response.json_body == NOT_FOUND
+    assert rows() == before
 
 
 def test_change_role__someone_outside_the_organization_is_not_found(
     api_as, admin, outsider
 ):
-    response = api_as(admin).patch(
+    api = api_as(admin)
+    before = rows()
+
+    response = api.patch(
         f"organizations/acme/members/{outsider.pk}", {"role": "viewer"}
     )
 
     assert response.status_code == 404
+    assert response.json_body == {"error": "No such member."}
+    assert rows() == before
 
 
 def test_change_role__bad_input_names_the_field(api_as, admin, member_with):
@@ -300,14 +372,16 @@ def test_change_role__bad_input_names_the_field(api_as, admin, member_with):
     assert set(response.json_body["fields"]) == {"role"}
 
 
-def test_change_role__the_last_admin_cannot_be_demoted(api_as, admin):
-    response = api_as(admin).patch(
-        f"organizations/acme/members/{admin.pk}", {"role": "member"}
-    )
+def test_change_role__the_last_admin_cannot_be_demoted(api_as, admin, member_with):
+    member_with(Role.MEMBER)
+    api = api_as(admin)
+    before = rows()
+
+    response = api.patch(f"organizations/acme/members/{admin.pk}", {"role": "member"})
 
     assert response.status_code == 409
     assert Membership.objects.get(user=admin).role == Role.ADMIN
-    assert not events("membership.role_changed")
+    assert rows() == before
 
 
 def test_change_role__an_admin_may_step_down_when_another_remains(
@@ -345,28 +419,67 @@ def test_remove_member__writes_removal_audit_and_event(api_as, admin, member_wit
     assert event.payload["user_id"] == member.pk
 
 
-def test_remove_member__needs_an_admin(api_as, member_with):
+def test_remove_member__the_removed_member_no_longer_sees_the_organization(
+    api_as, admin, member_with
+):
     member = member_with(Role.MEMBER)
-    viewer = member_with(Role.VIEWER)
+    removed = api_as(member)
 
-    assert (
-        api_as(member).delete(f"organizations/acme/members/{viewer.pk}").status_code
-        == 403
-    )
+    api_as(admin).delete(f"organizations/acme/members/{member.pk}")
+
+    assert removed.get("organizations").json_body == {"organizations": []}
+    assert removed.get("organizations/acme/members").status_code == 404
+    assert removed.get("organizations/acme/projects").status_code == 404
 
 
-def test_remove_member__another_organization_is_not_found(api_as, outsider, admin):
-    response = api_as(outsider).delete(f"organizations/acme/members/{admin.pk}")
+@pytest.mark.parametrize("role", [Role.MEMBER, Role.VIEWER])
+def test_remove_member__needs_an_admin(api_as, admin, member_with, role):
+    api = api_as(member_with(role))
+    target = member_with(Role.VIEWER)
+    before = rows()
+
+    response = api.delete(f"organizations/acme/members/{target.pk}")
+
+    assert response.status_code == 403
+    assert rows() == before
+
+
+def test_remove_member__another_organization_is_not_found(
+    api_as, admin, member_with, outsider
+):
+    target = member_with(Role.MEMBER)
+    api = api_as(outsider)
+    before = rows()
+
+    response = api.delete(f"organizations/acme/members/{target.pk}")
 
     assert response.status_code == 404
-    assert Membership.objects.filter(user=admin).exists()
+    assert response.json_body == NOT_FOUND
+    assert rows() == before
 
 
-def test_remove_member__the_last_admin_cannot_be_removed(api_as, admin):
-    response = api_as(admin).delete(f"organizations/acme/members/{admin.pk}")
+def test_remove_member__someone_outside_the_organization_is_not_found(
+    api_as, admin, outsider
+):
+    api = api_as(admin)
+    before = rows()
+
+    response = api.delete(f"organizations/acme/members/{outsider.pk}")
+
+    assert response.status_code == 404
+    assert response.json_body == {"error": "No such member."}
+    assert rows() == before
+
+
+def test_remove_member__the_last_admin_cannot_be_removed(api_as, admin, member_with):
+    member_with(Role.MEMBER)
+    api = api_as(admin)
+    before = rows()
+
+    response = api.delete(f"organizations/acme/members/{admin.pk}")
 
     assert response.status_code == 409
-    assert Membership.objects.filter(user=admin).exists()
+    assert rows() == before
 
 
 # --- projects -------------------------------------------------------------
@@ -380,6 +493,30 @@ def test_projects__any_member_lists_them(api_as, organization, member_with):
 
     assert response.status_code == 200
     assert [row["name"] for row in response.json_body["projects"]] == ["Apollo"]
+
+
+def test_projects__a_member_of_another_organization_sees_only_its_own(
+    api_as, organization, outsider
+):
+    ProjectFactory.create(organization=organization, name="Apollo")
+    own = outsider.memberships.get().organization
+    ProjectFactory.create(organization=own, name="Mercury")
+
+    response = api_as(outsider).get(f"organizations/{own.slug}/projects")
+
+    assert response.status_code == 200
+    assert [row["name"] for row in response.json_body["projects"]] == ["Mercury"]
+
+
+def test_projects__another_organization_is_not_found(
+    api_as, organization, admin, outsider
+):
+    ProjectFactory.create(organization=organization, name="Apollo")
+
+    response = api_as(outsider).get("organizations/acme/projects")
+
+    assert response.status_code == 404
+    assert response.json_body == NOT_FOUND
 
 
 @pytest.mark.parametrize("role", [Role.ADMIN, Role.MEMBER])
@@ -396,21 +533,25 @@ def test_create_project__writes_project_audit_and_event(api_as, member_with, rol
     assert event.payload == {"project_id": project.pk, "actor_id": user.pk}
 
 
-def test_create_project__viewers_read_only(api_as, member_with):
-    response = api_as(member_with(Role.VIEWER)).post(
-        "organizations/acme/projects", {"name": "Apollo"}
-    )
+def test_create_project__viewers_read_only(api_as, admin, member_with):
+    api = api_as(member_with(Role.VIEWER))
+    before = rows()
+
+    response = api.post("organizations/acme/projects", {"name": "Apollo"})
 
     assert response.status_code == 403
-    assert not Project.objects.exists()
+    assert rows() == before
 
 
-def test_create_project__another_organization_is_not_found(
-    api_as, organization, outsider
-):
-    response = api_as(outsider).post("organizations/acme/projects", {"name": "Apollo"})
+def test_create_project__another_organization_is_not_found(api_as, admin, outsider):
+    api = api_as(outsider)
+    before = rows()
+
+    response = api.post("organizations/acme/projects", {"name": "Apollo"})
 
     assert response.status_code == 404
+    assert response.json_body == NOT_FOUND
+    assert rows() == before
 
 
 def test_create_project__bad_input_names_the_field(api_as, admin):
@@ -422,8 +563,10 @@ def test_create_project__bad_input_names_the_field(api_as, admin):
 
 def test_create_project__a_duplicate_name_is_a_conflict(api_as, organization, admin):
     ProjectFactory.create(organization=organization, name="Apollo")
+    api = api_as(admin)
+    before = rows()
 
-    response = api_as(admin).post("organizations/acme/projects", {"name": "apollo"})
+    response = api.post("organizations/acme/projects", {"name": "apollo"})
 
     assert response.status_code == 409
-    assert not events("project.created")
+    assert rows() == before

@@ -1,13 +1,14 @@
 """Each event the domain publishes has a handler that sends the right email."""
 
 import smtplib
+from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from organizations import services
 from organizations.emails import message_id
-from organizations.models import Role
+from organizations.models import Invitation, Role
 from organizations.tokens import read_invitation_token
 from outbox import publish
 from outbox.models import OutboxEvent, Status
@@ -56,6 +57,22 @@ def test_user_invited__a_closed_invitation_sends_nothing(
     )
     setattr(invitation, field, timezone.now())
     invitation.save()
+
+    result = drain()
+
+    assert (result.completed, len(mailoutbox)) == (1, 0)
+
+
+def test_user_invited__an_expired_invitation_sends_nothing(
+    organization, admin, mailoutbox
+):
+    invitation = services.invite_member(
+        actor=admin, organization=organization, email="new@example.com", role="member"
+    )
+    Invitation.objects.filter(pk=invitation.pk).update(
+        created_at=timezone.now() - timedelta(days=9),
+        expires_at=timezone.now() - timedelta(seconds=1),
+    )
 
     result = drain()
 

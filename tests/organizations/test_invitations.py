@@ -7,6 +7,7 @@ import pytest
 from django.core import signing
 from django.utils import timezone
 
+from organizations import services
 from organizations.models import AuditEntry, Invitation, Membership, Role
 from organizations.tokens import make_invitation_token
 from outbox.models import OutboxEvent
@@ -97,6 +98,21 @@ def test_accept__a_used_token_is_400(api_as, invitation):
     assert again.status_code == 400
     assert again.json_body["fields"] == {"token": ["This invitation was already used."]}
     assert Membership.objects.filter(user__email="newcomer@example.com").count() == 1
+
+
+def test_accept__a_used_link_stays_used_after_its_member_was_removed(
+    api_as, invitation, organization, admin
+):
+    token = make_invitation_token(invitation)
+    assert accept(api_as, token).status_code == 201
+    newcomer = User.objects.get(email="newcomer@example.com")
+    services.remove_member(actor=admin, organization=organization, member=newcomer)
+
+    again = accept(api_as, token)
+
+    assert again.status_code == 400
+    assert again.json_body["fields"] == {"token": ["This invitation was already used."]}
+    assert not Membership.objects.filter(user=newcomer).exists()
 
 
 def test_accept__a_revoked_invitation_is_400(api_as, invitation):

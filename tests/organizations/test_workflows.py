@@ -1,14 +1,15 @@
 """The three workflows that define the pattern, end to end on PostgreSQL."""
 
-import time
 from datetime import timedelta
 
+import psycopg
 import pytest
-from django.test import override_settings
+from django.core.mail.backends import locmem
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
-from organizations import services
-from organizations.models import AuditEntry, Invitation
+from organizations import emails, services
+from organizations.models import AuditEntry, Invitation, Project
 from outbox.models import OutboxEvent, Status
 from outbox.testing import drain
 from outbox.worker import Worker
@@ -24,6 +25,33 @@ def invite(api_as, admin):
     return api_as(admin).post(
         "organizations/acme/invitations", {"email": "new@example.com", "role": "member"}
     )
+
+
+def backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [pid] = cursor.fetchone()
+    return pid
+
+
+def terminate_from_another_connection(pid: int) -> None:
+    """End session pid as a crash would, and return once it is gone."""
+    settings = connection.settings_dict
+    with psycopg.connect(
+        host=settings["HOST"] or "127.0.0.1",
+        port=settings["PORT"] or 5432,
+        user=settings["USER"],
+        dbname=settings["NAME"],
+        autocommit=True,
+    ) as killer:
+        # With a timeout, pg_terminate_backend waits until the session exits.
+        [(terminated,)] = killer.execute(
+            "SELECT pg_terminate_backend(%s, 5000)", [pid]
+        ).fetchall()
+        [(left,)] = killer.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]
+        ).fetchall()
+    assert (terminated, left) == (True, 0)
 
 
 def test_happy_path__one_invitation_one_event_one_email(api_as, admin, mailoutbox):
@@ -66,22 +94,115 @@ def test_rollback__a_failure_after_the_first_write_leaves_nothing(
     assert mailoutbox == []
 
 
-@override_settings(OUTBOX={"BACKOFF_BASE_MS": 1, "BACKOFF_CAP_MS": 5})
-def test_crash_recovery__a_dead_workers_event_is_sent_once(api_as, admin, mailoutbox):
+@pytest.mark.parametrize(
+    "call_service",
+    [
+        # A plain event and one with an idempotency key take different
+        # paths through publish(); both must stay in the caller's transaction.
+        lambda admin, organization: services.create_project(
+            actor=admin, organization=organization, name="Apollo"
+        ),
+        lambda admin, organization: services.invite_member(
+            actor=admin,
+            organization=organization,
+            email="new@example.com",
+            role="member",
+        ),
+    ],
+    ids=["create_project", "invite_member"],
+)
+def test_rollback__a_failure_after_the_event_was_published_leaves_nothing(
+    admin, organization, monkeypatch, mailoutbox, call_service
+):
+    published = []
+
+    def publish_then_fail(*args, **kwargs):
+        published.append(real_publish(*args, **kwargs))
+        raise ForcedFailure("the service failed after publishing")
+
+    real_publish = services.publish
+    monkeypatch.setattr(services, "publish", publish_then_fail)
+
+    with pytest.raises(ForcedFailure):
+        call_service(admin, organization)
+    drain()
+
+    [event] = published  # the event was written, inside the service's transaction
+    assert event.pk is not None
+    assert not OutboxEvent.objects.exists()
+    assert not Project.objects.exists()
+    assert not Invitation.objects.exists()
+    assert not AuditEntry.objects.exists()
+    assert mailoutbox == []
+
+
+def test_rollback__a_callers_transaction_that_fails_after_the_service_leaves_nothing(
+    admin, organization, mailoutbox
+):
+    with pytest.raises(ForcedFailure), transaction.atomic():
+        services.create_project(actor=admin, organization=organization, name="Apollo")
+        raise ForcedFailure("the caller failed after the service returned")
+    drain()
+
+    assert not Project.objects.exists()
+    assert not AuditEntry.objects.exists()
+    assert not OutboxEvent.objects.exists()
+    assert mailoutbox == []
+
+
+def test_crash_recovery__a_worker_dying_after_the_email_resends_it_with_one_message_id(
+    api_as, admin, mailoutbox, monkeypatch
+):
     invite(api_as, admin)
-    Worker(worker_id="dead").claim()  # claims, then the process dies
+    dead = Worker(worker_id="dead", batch_size=1)
+    claimed = dead.claim()
+    pid = backend_pid()
+    send_messages = locmem.EmailBackend.send_messages
+
+    def send_then_crash(backend, messages):
+        sent = send_messages(backend, messages)
+        terminate_from_another_connection(pid)  # before the outcome commits
+        return sent
+
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(locmem.EmailBackend, "send_messages", send_then_crash)
+            with pytest.raises(OperationalError):
+                dead.process(claimed)
+    finally:
+        connection.close()  # the dead session's; the next query opens a new one
+
+    event = OutboxEvent.objects.get()
+    assert (event.status, event.attempts, event.locked_by) == (
+        Status.PROCESSING,
+        1,
+        "dead",
+    )
+    assert len(mailoutbox) == 1
+    # The lease runs out: the worker is gone for good.
     OutboxEvent.objects.update(locked_until=timezone.now() - timedelta(seconds=1))
     heir = Worker(worker_id="heir")
 
-    heir.run_once()  # rescues the event
-    time.sleep(0.01)
-    heir.run_once()  # and handles it
+    assert heir.rescue_expired() == 1
+    # The retry's backoff has passed.
+    OutboxEvent.objects.update(available_at=timezone.now() - timedelta(seconds=1))
+    assert heir.run_once().completed == 1
 
-    event = OutboxEvent.objects.get()
+    event.refresh_from_db()
     assert (event.status, event.attempts, event.locked_by) == (
         Status.COMPLETED,
         2,
         "heir",
     )
-    assert event.history[0]["worker"] == "dead"
-    assert len(mailoutbox) == 1
+    assert [(entry["worker"], entry["error"]) for entry in event.history] == [
+        ("dead", "outbox.errors.LeaseExpired")
+    ]
+    # At least once: the email went out twice, under one Message-ID that lets
+    # the receiver drop the copy.
+    assert [mail.to for mail in mailoutbox] == [["new@example.com"]] * 2
+    assert [mail.extra_headers["Message-ID"] for mail in mailoutbox] == [
+        emails.message_id(event.uuid)
+    ] * 2
+    assert Invitation.objects.count() == 1
+    assert AuditEntry.objects.filter(action="invitation.created").count() == 1
+    assert OutboxEvent.objects.count() == 1
