@@ -2,10 +2,13 @@
 
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from django.db import connections
+from django.db import connection, connections, transaction
 from django.utils import timezone
 
 from outbox import operations, ordering, publish
@@ -29,6 +32,98 @@ def fail(event: OutboxEvent) -> None:
     )
 
 
+class InThread:
+    """Run a function on a thread, so on a database connection, of its own."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(function,))
+        self.thread.start()
+
+    def _run(self, function: Callable[[], Any]) -> None:
+        try:
+            self.result = function()
+        except BaseException as error:  # re-raised by join(), in the test
+            self.error = error
+        finally:
+            connections.close_all()
+
+    def join(self) -> Any:
+        """Wait for the function; return its result or raise its error."""
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the thread is still running"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@contextmanager
+def open_transaction(function: Callable[[], Any]) -> Iterator[Any]:
+    """Run function in another session's transaction; commit when the block ends.
+
+    Yields the function's result while its transaction, and its locks, stay
+    open.
+    """
+    done, commit = threading.Event(), threading.Event()
+    results: list[Any] = []
+
+    def hold() -> None:
+        with transaction.atomic():
+            results.append(function())
+            done.set()
+            commit.wait(10)
+
+    holder = InThread(hold)
+    while not done.wait(0.01):
+        if not holder.thread.is_alive():
+            holder.join()  # raises the function's error
+            pytest.fail("the transaction ended before it was held open")
+    try:
+        yield results[0]
+    finally:
+        commit.set()
+        holder.join()
+
+
+def lock_waits() -> int:
+    """Count the other sessions of the test database waiting for a lock.
+
+    pg_stat_activity rather than pg_locks: a row lock is waited for as a
+    transaction id, which pg_locks ties to no database, and other test runs
+    share the server. The test database is this run's own.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            " AND pid <> pg_backend_pid()"
+        )
+        return cursor.fetchone()[0]
+
+
+def finished_or_blocked(session: InThread, *, timeout: float = 5.0) -> str:
+    """Wait until session has finished or a session waits for a lock; say which."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not session.thread.is_alive():
+            return "finished"
+        if lock_waits():
+            return "blocked"
+        time.sleep(0.005)
+    pytest.fail(f"neither finished nor waiting for a lock after {timeout}s")
+
+
+def wait_until_blocked(session: InThread) -> None:
+    """Return once session waits for a lock: the race really happened."""
+    assert finished_or_blocked(session) == "blocked", "it never waited for a lock"
+    assert session.thread.is_alive()
+
+
+def claim_one() -> list[OutboxEvent]:
+    return Worker(worker_id="w", batch_size=1).claim()
+
+
 @pytest.fixture
 def handled(register_handler) -> list[str]:
     seen: list[str] = []
@@ -49,7 +144,16 @@ def test_retry_events__makes_a_failed_event_pending_now_with_fresh_attempts() ->
     assert (event.status, event.attempts, event.locked_by) == (Status.PENDING, 0, "")
     assert ready_ids() == [event.pk]
     assert event.available_at > timezone.now() - timedelta(minutes=1)
-    assert event.history[0]["error"] == "ConnectionError"
+
+
+@pytest.mark.sqlite
+def test_retry_events__keeps_the_history_and_records_who_retried() -> None:
+    event = OutboxEventFactory.create(failed=True)
+
+    retry_events([event.pk], actor="ops@example.com")
+
+    event.refresh_from_db()
+    assert [entry.get("error") for entry in event.history] == ["ConnectionError", None]
     assert event.history[-1]["operator"] == "ops@example.com"
     assert event.history[-1]["action"] == "retried"
     assert event.last_error == "ConnectionError: smtp down"
@@ -280,28 +384,26 @@ def test_promotion__racing_an_operator_retry_leaves_one_head(
     worker._next_rescue = worker._next_sweep = float("inf")
 
     def operator():
-        try:
-            retry_events([first.pk], actor="ops")
-        finally:
-            connections.close_all()
+        retry_events([first.pk], actor="ops")
 
     def promote():
-        try:
-            if promoter == "sweep":
-                ordering.promote_orphaned_heads("default")
-            else:
-                worker._keys_to_recheck = {"k"}
-                worker.run_once()  # recheck of the busy key, then claim
-        finally:
-            connections.close_all()
+        if promoter == "sweep":
+            ordering.promote_orphaned_heads("default")
+        else:
+            worker._keys_to_recheck = {"k"}
+            worker.run_once()  # recheck of the busy key, then claim
 
-    op = threading.Thread(target=operator)
-    op.start()
+    op = InThread(operator)
     assert in_txn.wait(5)  # operator: key + rows locked, first re-opened as head
-    pr = threading.Thread(target=promote)
-    pr.start()
-    time.sleep(0.5)  # the promoter chose from its snapshot, waits on the row lock
-    go.set()
+    pr = InThread(promote)
+    # The race happened: the promoter made its choice while the operator's
+    # transaction was open. It skips the key it finds locked and finishes, or
+    # (promoting from its snapshot) waits for the operator's row lock.
+    try:
+        finished_or_blocked(pr)
+        assert op.thread.is_alive()
+    finally:
+        go.set()
     op.join()
     pr.join()
 
@@ -314,3 +416,84 @@ def test_promotion__racing_an_operator_retry_leaves_one_head(
         assert heads == [first.pk]
     else:
         assert seen in ([], ["first"])
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "operation",
+    [
+        pytest.param(retry_events, id="retry"),
+        pytest.param(discard_events, id="discard"),
+    ],
+)
+def test_operations__wait_for_a_claim_in_flight_and_leave_what_it_claimed(
+    operation,
+) -> None:
+    event = OutboxEventFactory.create(attempts=3)  # due now for its next attempt
+
+    with open_transaction(claim_one):
+        operator = InThread(lambda: operation([event.pk], actor="ops"))
+        wait_until_blocked(operator)  # on the row the claim holds
+
+    assert operator.join().skipped == {operations.LIVE_LEASE: 1}
+    event.refresh_from_db()
+    assert (event.status, event.locked_by, event.discarded_at) == (
+        Status.PROCESSING,
+        "w",
+        None,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_events__waits_for_a_claim_of_a_later_event_of_the_key() -> None:
+    first = publish("step", {"name": "first"}, key="org:1")
+    fail(first)
+    publish("step", {"name": "second"}, key="org:1")  # the head, claimed below
+
+    with open_transaction(claim_one):
+        operator = InThread(lambda: retry_events([first.pk], actor="ops"))
+        wait_until_blocked(operator)  # on the key's events the claim holds
+
+    # Seen as the claim committed it: the second is processing, so the first
+    # cannot become the head again before it.
+    assert operator.join().skipped == {operations.KEY_BUSY: 1}
+    assert OutboxEvent.objects.get(pk=first.pk).status == Status.FAILED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_events__waits_for_a_publisher_then_holds_its_event_back() -> None:
+    first = publish("step", {"name": "first"}, key="org:1")
+    fail(first)
+
+    with open_transaction(lambda: publish("step", {"name": "late"}, key="org:1")):
+        operator = InThread(lambda: retry_events([first.pk], actor="ops"))
+        wait_until_blocked(operator)  # on the key's lock the publisher holds
+
+    assert operator.join().changed == [first.pk]
+    assert ready_ids() == [first.pk]  # the late event waits behind it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_discard_events__waits_for_a_publisher_then_promotes_its_event() -> None:
+    head = publish("step", {"name": "head"}, key="org:1")
+
+    with open_transaction(
+        lambda: publish("step", {"name": "late"}, key="org:1")
+    ) as late:
+        operator = InThread(lambda: discard_events([head.pk], actor="ops"))
+        wait_until_blocked(operator)  # on the key's lock the publisher holds
+
+    assert operator.join().changed == [head.pk]
+    assert ready_ids() == [late.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_discard_events__wakes_the_workers_when_the_keys_next_event_is_ready() -> None:
+    head = publish("step", {"name": "head"}, key="org:1")
+    publish("step", {"name": "next"}, key="org:1")
+    listener = listen()
+    try:
+        discard_events([head.pk], actor="ops")
+        assert notifications(listener) == 1
+    finally:
+        listener.close()

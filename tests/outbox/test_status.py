@@ -86,6 +86,10 @@ def test_collect_status__measures_the_lag_of_the_oldest_ready_event() -> None:
 @pytest.mark.sqlite
 def test_collect_status__has_no_lag_when_nothing_is_ready() -> None:
     OutboxEventFactory.create(completed=True)
+    OutboxEventFactory.create(failed=True)
+    OutboxEventFactory.create(leased=True, key="org:1")
+    OutboxEventFactory.create(key="org:1", waiting=True)  # behind the leased head
+    OutboxEventFactory.create(available_at=timezone.now() + timedelta(hours=1))
 
     assert collect_status().lag is None
 
