@@ -10,13 +10,19 @@ pytest_plugins = ["outbox.testing"]
 
 @pytest.fixture(scope="session")
 def django_db_modify_db_settings() -> None:
-    """Give every test run its own database so parallel runs never collide."""
+    """Give every test run its own database so parallel runs never collide.
+
+    OUTBOX_TEST_DATABASE names a database prepared beforehand instead (the
+    mutant check copies one per run; pytest then needs --reuse-db).
+    """
     suffix = f"{os.getpid()}_{secrets.token_hex(4)}"
     for database in settings.DATABASES.values():
         if database["ENGINE"] == "django.db.backends.sqlite3":
             continue  # Django tests SQLite in memory, private to the process.
         test: dict[str, Any] = dict(database.get("TEST") or {})  # type: ignore[call-overload]
-        test["NAME"] = f"test_{database['NAME']}_{suffix}"
+        test["NAME"] = os.environ.get(
+            "OUTBOX_TEST_DATABASE", f"test_{database['NAME']}_{suffix}"
+        )
         database["TEST"] = test
 
 

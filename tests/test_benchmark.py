@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
     output = tmp_path / "results.json"
 

@@ -26,6 +26,9 @@ CHROMIUM_ARGS = [
 ]
 PASSWORD = "a-long-password-1"
 
+# A real browser: seconds to start.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def page(monkeypatch) -> Iterator[Page]:

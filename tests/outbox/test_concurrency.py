@@ -11,7 +11,7 @@ from outbox.models import OutboxEvent, Status
 from outbox.worker import Worker
 from tests.outbox_app.models import SideEffect
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 EVENTS = 2000
 KEYS = 20

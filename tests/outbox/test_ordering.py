@@ -98,6 +98,7 @@ def test_key__different_keys_and_unkeyed_events_run_in_one_batch(handled):
     assert handled[-1] == "a2"
 
 
+@pytest.mark.slow
 @pytest.mark.django_db
 def test_key__busy_keys_do_not_hold_back_everyone_else(handled):
     for _ in range(200):

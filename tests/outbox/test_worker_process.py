@@ -17,7 +17,8 @@ from outbox.models import OutboxEvent, OutboxWorker, Status
 from tests.outbox.worker_process import WorkerProcess, manage, wait_until
 from tests.outbox_app.models import HandlerRun, SideEffect
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Every test here starts real worker processes: seconds each.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 
 @pytest.fixture
@@ -207,7 +208,6 @@ def test_shutdown_timeout__exits_non_zero_when_the_handler_outlives_it(
     assert slow.status == Status.PROCESSING
 
 
-@pytest.mark.slow
 def test_kill_9__mid_batch_loses_nothing_and_repeats_no_database_effect(
     workers, tmp_path
 ):
@@ -258,7 +258,6 @@ def test_kill_9__mid_batch_loses_nothing_and_repeats_no_database_effect(
     assert rescued.count() == 5
 
 
-@pytest.mark.slow
 def test_slow_handler__of_a_live_worker_is_not_taken_over(workers, tmp_path):
     for name in ("first", "second"):
         start(
@@ -388,7 +387,6 @@ publish_many(
 """
 
 
-@pytest.mark.slow
 def test_sqlite__two_workers_on_one_file_handle_every_event_once(workers, tmp_path):
     """The embedded default: IMMEDIATE transactions serialise the two claimers.
 
