@@ -11,6 +11,7 @@ from outbox import PermanentFailure, publish
 from outbox.models import OutboxEvent, Status
 from outbox.testing import drain
 from outbox.worker import Worker
+from tests.outbox.sessions import backend_pid, waiting_for_a_lock
 from tests.outbox.worker_process import wait_until
 
 
@@ -118,17 +119,6 @@ def test_key__busy_keys_do_not_hold_back_everyone_else(handled):
     assert len(handled) == 3 * 3 + 80
 
 
-def waits_for_a_key(backend: int) -> bool:
-    """Whether the session with this backend pid waits for an advisory lock."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT 1 FROM pg_locks WHERE pid = %s AND locktype = 'advisory' "
-            "AND NOT granted",
-            [backend],
-        )
-        return cursor.fetchone() is not None
-
-
 def in_thread(function: Callable[[], None]) -> threading.Thread:
     def run() -> None:
         try:
@@ -159,7 +149,7 @@ def test_key__publishers_committing_in_reverse_order_keep_publish_order(handled)
 
     def second() -> None:
         with transaction.atomic():
-            second_backend.append(connection.connection.info.backend_pid)
+            second_backend.append(backend_pid())
             publish("step", {"name": "second"}, key="org:1")
         order.append("second committed")
 
@@ -168,7 +158,11 @@ def test_key__publishers_committing_in_reverse_order_keep_publish_order(handled)
     threads.append(in_thread(second))
     # The second publisher now waits for the key's lock, not for luck.
     wait_until(
-        lambda: bool(second_backend) and waits_for_a_key(second_backend[0]), timeout=5
+        lambda: (
+            bool(second_backend)
+            and waiting_for_a_lock(second_backend[0], locktype="advisory")
+        ),
+        timeout=5,
     )
     Worker().run_once()
     assert handled == []

@@ -9,6 +9,7 @@ from django.db import connection, transaction
 from outbox import publish
 from outbox.models import OutboxEvent, Status
 from tests.outbox.listening import listen, notifications
+from tests.outbox.sessions import backend_pid, waiting_for_a_lock
 from tests.outbox.worker_process import wait_until
 
 
@@ -44,10 +45,14 @@ def test_publish__rolls_back_with_the_callers_transaction() -> None:
 @pytest.mark.sqlite
 @pytest.mark.django_db
 def test_publish__unserialisable_payload_raises_type_error_at_the_call() -> None:
-    with pytest.raises(TypeError):
-        publish("thing.happened", {"handle": object()})
+    with transaction.atomic():
+        with pytest.raises(TypeError):
+            publish("thing.happened", {"handle": object()})
+        publish("thing.happened", {"handle": "ok"})  # the transaction goes on
 
-    assert not OutboxEvent.objects.exists()
+    assert list(OutboxEvent.objects.values_list("payload", flat=True)) == [
+        {"handle": "ok"}
+    ]
 
 
 @pytest.mark.sqlite
@@ -72,17 +77,6 @@ def test_publish__same_idempotency_key_returns_the_first_event() -> None:
     assert OutboxEvent.objects.count() == 1
 
 
-def waiting_for_a_lock(backend: int) -> bool:
-    """Whether the session with this backend pid waits for a lock right now."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT 1 FROM pg_stat_activity "
-            "WHERE pid = %s AND wait_event_type = 'Lock'",
-            [backend],
-        )
-        return cursor.fetchone() is not None
-
-
 @pytest.mark.django_db(transaction=True)
 def test_publish__concurrent_idempotency_keys_write_one_event() -> None:
     """The loser waits on the winner's uncommitted row, then gets its event.
@@ -95,7 +89,7 @@ def test_publish__concurrent_idempotency_keys_write_one_event() -> None:
     def loser() -> None:
         try:
             with transaction.atomic():
-                backend.append(connection.connection.info.backend_pid)
+                backend.append(backend_pid())
                 results["loser"] = publish("x", {}, idempotency_key="race").pk
                 results["after"] = publish("y", {}).pk
         finally:
