@@ -6,26 +6,32 @@ Each mutants/<name>.toml describes one broken variant of the code: a short
 description, one or more textual edits (each `find` must occur exactly once
 in its file, so a mutant whose code moved is reported as stale rather than
 silently testing nothing) and the tests expected to catch it. The check
-copies the tree (the files git knows, tracked or not ignored), runs all the
-listed tests on the unmutated copy (they must pass, or a "kill" would prove
-nothing), and applies each mutant to a fresh copy and runs its tests. A
-mutant is killed when a test fails; it survives when they pass. A run that
-errors out (collection error, test not found, crash) is reported as an
-error, not as a kill. The command prints one line per mutant and exits 1
-unless every mutant was killed and the unmutated run passed.
+copies the tree (the files git knows, tracked or not ignored), runs the
+listed tests on the unmutated copy, one run per test file (they must pass,
+or a "kill" would prove nothing), then applies each mutant to a fresh copy
+and runs its tests. A mutant is killed when a test body fails; it survives
+when they pass. A run in which no test body failed but something else did
+(a collection error, a test not found, a failing fixture, a crash, an edited
+module that no longer compiles or imports, a run past RUN_DEADLINE_SECONDS)
+is an error, not a kill. The command prints one line per mutant, naming the
+tests that failed, and exits 1 unless every mutant was killed.
 
 Two things keep a run short. The check imports the third-party modules the
 tests need once and forks every test run from there. And on PostgreSQL it
 migrates one test database from the unmutated code and gives each run a copy
-(CREATE DATABASE ... TEMPLATE), so a mutant may change code but not models
-or migrations.
+(CREATE DATABASE ... TEMPLATE), so a mutant of a model or a migration is seen
+only by tests that run that code themselves. Stopping the check (SIGTERM,
+Ctrl+C) kills the runs in flight with the workers they started and drops
+their databases.
 """
 
 import argparse
 import importlib
+import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,11 +41,12 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOGUE = ROOT / "mutants"
-#: pytest's exit status when tests ran and at least one failed.
-TESTS_FAILED = 1
+#: A test run still going after this long is killed and reported as an error.
+RUN_DEADLINE_SECONDS = 300
 DEFAULT_DATABASE_URL = "postgres://postgres@127.0.0.1:5432/postgres"
 #: Third-party modules every test run imports, imported once before forking.
 PRELOADED = (
@@ -147,6 +154,7 @@ class Databases:
         self.enabled = url.startswith(("postgres://", "postgresql://"))
         self.template = f"test_mutants_{os.getpid()}_{secrets.token_hex(4)}"
         self.created: set[str] = set()
+        self._copies = 0
 
     def _execute(self, statement: str) -> None:
         import psycopg
@@ -154,14 +162,21 @@ class Databases:
         with psycopg.connect(self.url, autocommit=True) as connection:
             connection.execute(statement)
 
-    def copy(self, name: str) -> str | None:
-        """Create a copy of the template; return its name (None: no copies)."""
+    def name_copy(self) -> str | None:
+        """Return a new copy's name (None: no copies); the run creates it.
+
+        Creating a copy takes most of a second of the server's time: done by
+        each run, the copies of runs side by side are made side by side.
+        """
         if not self.enabled:
             return None
-        database = f"{self.template}_{name.replace('-', '_')}"[:63]
-        self._execute(f'CREATE DATABASE "{database}" TEMPLATE "{self.template}"')
+        self._copies += 1
+        database = f"{self.template}_{self._copies}"
         self.created.add(database)
         return database
+
+    def create_copy(self, database: str) -> None:
+        self._execute(f'CREATE DATABASE "{database}" TEMPLATE "{self.template}"')
 
     def drop(self, database: str | None) -> None:
         if database is not None:
@@ -173,6 +188,20 @@ class Databases:
             self.drop(database)
 
 
+class _ReportRecorder:
+    """A pytest plugin that notes which tests failed, and in which phase."""
+
+    def __init__(self) -> None:
+        self.failed: list[str] = []  # the test body failed: a kill
+        self.errors: list[str] = []  # set-up or tear-down failed: not a kill
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.failed:
+            (self.failed if report.when == "call" else self.errors).append(
+                report.nodeid
+            )
+
+
 @dataclass
 class TestRun:
     """A pytest run forked into a copy of the tree; its output goes to a file."""
@@ -180,7 +209,11 @@ class TestRun:
     name: str
     tree: Path
     tests: Sequence[str]
+    databases: Databases
     database: str | None = None
+    #: Modules the mutant edited: each must still import once the tests ran.
+    modules: Sequence[str] = ()
+    is_mutant: bool = False
     started: float = 0.0
     pid: int = 0
 
@@ -188,12 +221,19 @@ class TestRun:
     def output_file(self) -> Path:
         return self.tree.with_name(self.tree.name + ".out")
 
+    @property
+    def reports_file(self) -> Path:
+        return self.tree.with_name(self.tree.name + ".json")
+
     def start(self) -> None:
         self.started = time.monotonic()
         self.pid = os.fork()
         if self.pid == 0:  # the child: never returns
             code = 3
             try:
+                # Its own process group, with the workers its tests start, so
+                # the parent can stop all of them at once.
+                os.setsid()
                 code = self._run_in_child()
             except BaseException:
                 traceback.print_exc()
@@ -203,6 +243,8 @@ class TestRun:
                 os._exit(code)
 
     def _run_in_child(self) -> int:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_DFL)
         output = os.open(self.output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(output, 1)
         os.dup2(output, 2)
@@ -212,20 +254,40 @@ class TestRun:
         os.environ["PYTHONPATH"] = str(self.tree)
         os.environ.pop("COVERAGE_PROCESS_START", None)
         sys.dont_write_bytecode = True
-        arguments = ["-x", "-q", "--no-header"]
+        arguments = ["-q", "--no-header"]
+        if self.is_mutant:
+            # The first failing test settles a kill (its name is reported): a
+            # mutant lists its most telling test first.
+            arguments.append("-x")
         # Preloaded plugins were imported before pytest could rewrite their
         # asserts, which matters only to tests of those plugins.
         arguments += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
         if self.database is not None:
+            self.databases.create_copy(self.database)
             os.environ["OUTBOX_TEST_DATABASE"] = self.database  # tests/conftest.py
             arguments.append("--reuse-db")
         import pytest
 
-        return int(pytest.main([*arguments, *self.tests]))
+        recorder = _ReportRecorder()
+        code = int(pytest.main([*arguments, *self.tests], plugins=[recorder]))
+        # A module only a worker subprocess imports would make its test fail
+        # by crashing the worker: that proves nothing about the promise.
+        for module in self.modules:
+            try:
+                importlib.import_module(module)
+            except Exception as error:
+                recorder.errors.append(f"import {module}: {error!r}")
+        self.reports_file.write_text(
+            json.dumps({"failed": recorder.failed, "errors": recorder.errors})
+        )
+        return code
 
-    def wait(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        return os.waitstatus_to_exitcode(status)
+    def stop(self) -> None:
+        """Kill the run and every process its tests started."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def seconds(self) -> float:
         return time.monotonic() - self.started
@@ -240,6 +302,12 @@ class TestRun:
             return self.output_file.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def reports(self) -> dict[str, list[str]]:
+        try:
+            return dict(json.loads(self.reports_file.read_text()))
+        except (FileNotFoundError, ValueError):
+            return {"failed": [], "errors": []}
 
 
 def check_imports_the_copy(tree: Path) -> None:
@@ -287,10 +355,25 @@ def _failure_report(output: str) -> str:
     )
 
 
-class Check:
-    """Run the baseline and the mutants, jobs at a time, in one process.
+def _short(nodeid: str) -> str:
+    return nodeid.rpartition("::")[2]
 
-    The parent stays single-threaded, so forking it is safe.
+
+@dataclass(frozen=True)
+class Job:
+    """A test run to make: the baseline of one test file, or one mutant."""
+
+    name: str
+    tests: tuple[str, ...]
+    mutant: Mutant | None = None
+
+
+class Check:
+    """Run the baseline, then the mutants, jobs at a time, in one process.
+
+    The parent stays single-threaded, so forking it is safe. A run that
+    outlives RUN_DEADLINE_SECONDS (a hang in a fixture, which pytest-timeout
+    does not cover) is killed and reported as an error.
     """
 
     def __init__(
@@ -301,57 +384,143 @@ class Check:
         self.base = scratch / "base"
         self.databases = databases
         self.jobs = jobs
+        self.running: dict[int, tuple[Job, TestRun]] = {}
+        self._runs = 0
 
-    def run(self, mutants: Sequence[Mutant]) -> Iterator[Outcome]:
-        """Yield the baseline's outcome and each mutant's, as they end."""
-        tests = sorted({test for mutant in mutants for test in mutant.tests})
-        waiting: list[Mutant | None] = [None, *mutants]  # None: the baseline
-        running: dict[int, TestRun] = {}
-        while waiting or running:
-            while waiting and len(running) < self.jobs:
-                prepared = self._prepare(waiting.pop(0), tests)
+    def baseline(self, mutants: Sequence[Mutant]) -> list[Job]:
+        """Return one job per test file the mutants name, on the unmutated code.
+
+        Per file, so a test that passes only after another file's tests
+        (an order dependence) shows up here rather than as a false kill.
+        """
+        by_file: dict[str, set[str]] = {}
+        for test in {test for mutant in mutants for test in mutant.tests}:
+            by_file.setdefault(test.partition("::")[0], set()).add(test)
+        return [
+            Job(f"baseline {file}", tuple(sorted(tests)))
+            for file, tests in sorted(by_file.items())
+        ]
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[Outcome]:
+        """Yield each job's outcome as it ends."""
+        waiting = list(jobs)
+        while waiting or self.running:
+            while waiting and len(self.running) < self.jobs:
+                job = waiting.pop(0)
+                prepared = self._prepare(job)
                 if isinstance(prepared, Outcome):
                     yield prepared
                     continue
                 prepared.start()
-                running[prepared.pid] = prepared
-            if running:
-                yield self._collect(running)
+                self.running[prepared.pid] = (job, prepared)
+            if self.running:
+                yield self._collect()
 
-    def _prepare(self, mutant: Mutant | None, tests: list[str]) -> TestRun | Outcome:
-        """Return the test run of a mutant (or the baseline), or why there is none."""
-        if mutant is None:
-            name, tree = "baseline", self.scratch / "baseline"
-            shutil.copytree(self.base, tree, symlinks=True)
-            return TestRun(name, tree, tests, self.databases.copy(name))
-        tree = self.scratch / mutant.name
+    def stop_all(self) -> None:
+        """Kill every run in flight and reap it; used when the check is stopped."""
+        for _, run in self.running.values():
+            run.stop()
+        for pid, (_, run) in list(self.running.items()):
+            os.waitpid(pid, 0)
+            self.databases.drop(run.database)
+        self.running.clear()
+
+    def _prepare(self, job: Job) -> TestRun | Outcome:
+        """Return the job's test run in its own copy of the tree, or why not."""
+        self._runs += 1
+        tree = self.scratch / f"run-{self._runs}"
         shutil.copytree(self.base, tree, symlinks=True)
-        try:
-            apply(mutant, tree)
-        except StaleMutantError as error:
-            return Outcome(mutant.name, "stale", str(error), 0.0)
+        if job.mutant is not None:
+            try:
+                apply(job.mutant, tree)
+                compile_edits(job.mutant, tree)
+            except StaleMutantError as error:
+                shutil.rmtree(tree)
+                return Outcome(job.name, "stale", str(error), 0.0)
+            except SyntaxError as error:
+                shutil.rmtree(tree)
+                return Outcome(job.name, "error", f"does not compile: {error}", 0.0)
+        modules = [] if job.mutant is None else edited_modules(job.mutant)
         return TestRun(
-            mutant.name, tree, mutant.tests, self.databases.copy(mutant.name)
+            job.name,
+            tree,
+            job.tests,
+            self.databases,
+            self.databases.name_copy(),
+            modules,
+            is_mutant=job.mutant is not None,
         )
 
-    def _collect(self, running: dict[int, TestRun]) -> Outcome:
-        pid, status = os.wait()
-        run = running.pop(pid)
+    def _collect(self) -> Outcome:
+        while True:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                break
+            for _, late in self.running.values():
+                if late.seconds() > RUN_DEADLINE_SECONDS:
+                    late.stop()  # reaped on a later round
+            time.sleep(0.02)
+        job, run = self.running.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         self.databases.drop(run.database)
-        shutil.rmtree(run.tree, ignore_errors=True)
-        if run.name == "baseline":
-            if code == 0:
-                detail = f"{run.summary()} on the unmutated code"
+        outcome = self._judge(job, run, code)
+        for leftover in (run.tree, run.output_file, run.reports_file):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
             else:
-                detail = run.output()[-5000:]
+                leftover.unlink(missing_ok=True)
+        return outcome
+
+    def _judge(self, job: Job, run: TestRun, code: int) -> Outcome:
+        reports = run.reports()
+        if job.mutant is None:
             verdict = "passed" if code == 0 else "failed"
-            return Outcome(run.name, verdict, detail, run.seconds())
-        verdict = {0: "survived", TESTS_FAILED: "killed"}.get(code, "error")
-        detail = run.summary()
+            detail = run.summary() if code == 0 else run.output()[-5000:]
+            return Outcome(job.name, verdict, detail, run.seconds())
+        unimportable = [
+            error for error in reports["errors"] if error.startswith("import ")
+        ]
+        if unimportable:
+            verdict, detail = "error", "; ".join(unimportable)
+        elif code == 0:
+            verdict, detail = "survived", run.summary()
+        elif reports["failed"]:
+            verdict = "killed"
+            detail = f"{run.summary()}: " + ", ".join(map(_short, reports["failed"]))
+        elif code < 0:
+            verdict, detail = "error", f"ended by signal {-code} (timed out?)"
+        else:  # a crash, a collection error, a failing fixture: not a kill
+            verdict, detail = "error", run.summary()
         if self.show_failures or verdict == "error":
             detail += "\n" + _failure_report(run.output())
-        return Outcome(run.name, verdict, detail, run.seconds())
+        return Outcome(job.name, verdict, detail, run.seconds())
+
+
+def edited_modules(mutant: Mutant) -> list[str]:
+    """Return the dotted names of the Python modules the mutant edits."""
+    return sorted(
+        {
+            edit.file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+            for edit in mutant.edits
+            if edit.file.endswith(".py")
+        }
+    )
+
+
+def compile_edits(mutant: Mutant, tree: Path) -> None:
+    """Raise SyntaxError if an edited Python file no longer compiles.
+
+    A mutant must break behaviour, not the build: a file that does not
+    compile would fail whichever test imports it, which proves nothing.
+    """
+    for edit in mutant.edits:
+        if edit.file.endswith(".py"):
+            path = tree / edit.file
+            compile(path.read_text(), str(path), "exec")
+
+
+def _raise_keyboard_interrupt(number: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -373,32 +542,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not mutants:
         print(f"no mutants in {CATALOGUE}")
         return 1
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     databases = Databases(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
-    width = max(len(mutant.name) for mutant in mutants)
-    outcomes = []
     with tempfile.TemporaryDirectory(prefix="outbox-mutants-") as directory:
         check = Check(Path(directory), databases, options.jobs, options.show_failures)
-        copy_tree(check.base)
-        check_imports_the_copy(check.base)
         try:
+            copy_tree(check.base)
+            check_imports_the_copy(check.base)
             migrate_template(check.base, databases)
             preload()
-            for outcome in check.run(mutants):
-                outcomes.append(outcome)
-                print(
-                    f"{outcome.verdict:<9}  {outcome.name:<{width}}  "
-                    f"{outcome.seconds:5.1f}s  {outcome.detail}",
-                    flush=True,
-                )
+            return report(check, mutants)
+        except KeyboardInterrupt:
+            print("stopped: the runs in flight were killed and their databases dropped")
+            return 130
         finally:
+            check.stop_all()
             databases.drop_all()
-    failures = [o for o in outcomes if o.verdict not in ("killed", "passed")]
-    killed = sum(outcome.verdict == "killed" for outcome in outcomes)
+
+
+def report(check: Check, mutants: Sequence[Mutant]) -> int:
+    """Run the baseline, then the mutants; print a line for each; return 0 or 1."""
+    width = max(len(mutant.name) for mutant in mutants)
+    baseline = list(check.run(check.baseline(mutants)))
+    failed = [outcome for outcome in baseline if outcome.verdict != "passed"]
+    tests = sum(len(job.tests) for job in check.baseline(mutants))
     print(
-        f"{killed} of {len(mutants)} mutants killed"
-        + (f"; not killed: {', '.join(o.name for o in failures)}" if failures else "")
+        f"{'baseline':<9}  {tests} tests in {len(baseline)} files on the unmutated "
+        f"code: {len(baseline) - len(failed)} files passed "
+        f"({max(outcome.seconds for outcome in baseline):.0f}s)",
+        flush=True,
     )
-    return 1 if failures else 0
+    for outcome in failed:
+        print(f"failed     {outcome.name}\n{outcome.detail}")
+    if failed:
+        print("the baseline failed: a kill would prove nothing")
+        return 1
+    jobs = [Job(mutant.name, mutant.tests, mutant) for mutant in mutants]
+    outcomes = []
+    for outcome in check.run(jobs):
+        outcomes.append(outcome)
+        print(
+            f"{outcome.verdict:<9}  {outcome.name:<{width}}  "
+            f"{outcome.seconds:5.1f}s  {outcome.detail}",
+            flush=True,
+        )
+    alive = [outcome.name for outcome in outcomes if outcome.verdict != "killed"]
+    print(
+        f"{len(outcomes) - len(alive)} of {len(outcomes)} mutants killed"
+        + (f"; not killed: {', '.join(alive)}" if alive else "")
+    )
+    return 1 if alive else 0
 
 
 if __name__ == "__main__":

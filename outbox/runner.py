@@ -129,6 +129,7 @@ class Runner:
             if self.options.drain:
                 logger.info("outbox drained: no event is ready")
                 return
+            logger.debug("outbox idle: waiting up to %d ms", self.options.poll_ms)
             self.waiter.wait(self.options.poll_ms / 1000)
 
     def _tick(self) -> BatchResult:

@@ -3,19 +3,41 @@
 import psycopg
 from django.db import connection
 
+MARKER = "end-of-test-marker"
 
-def listen(channel: str = "outbox_outboxevent") -> psycopg.Connection:
+
+def _connect() -> psycopg.Connection:
     settings = connection.settings_dict
-    listener = psycopg.connect(
+    return psycopg.connect(
         host=settings["HOST"] or "127.0.0.1",
         port=settings["PORT"] or 5432,
         user=settings["USER"],
         dbname=settings["NAME"],
         autocommit=True,
     )
+
+
+def listen(channel: str = "outbox_outboxevent") -> psycopg.Connection:
+    listener = _connect()
     listener.execute(f"LISTEN {channel}")
     return listener
 
 
-def notifications(listener: psycopg.Connection) -> int:
-    return sum(1 for _ in listener.notifies(timeout=0.2))
+def notifications(
+    listener: psycopg.Connection, channel: str = "outbox_outboxevent"
+) -> int:
+    """Count the notifications that arrived since the last call.
+
+    A marker notification, sent now from another session, closes the count:
+    PostgreSQL delivers notifications in commit order, so everything that
+    committed before it has arrived once the marker has, and no fixed wait
+    is needed either way.
+    """
+    with _connect() as sender:
+        sender.execute("SELECT pg_notify(%s, %s)", [channel, MARKER])
+    count = 0
+    for notification in listener.notifies(timeout=10):
+        if notification.payload == MARKER:
+            return count
+        count += 1
+    raise AssertionError("the marker notification never arrived")

@@ -13,6 +13,7 @@ from outbox import publish
 from outbox.models import OutboxEvent, OutboxWorker, Status
 from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
+from tests.outbox.sessions import backend_pid
 from tests.outbox.worker_process import wait_until
 from tests.outbox_app.models import SideEffect
 
@@ -237,39 +238,45 @@ def test_rescue__failing_a_keys_head_lets_the_next_event_run(register_handler):
     assert list(OutboxEvent.objects.ready()) == [following]
 
 
-def pull_the_plug(event: OutboxEvent) -> None:
+class Plug:
     """A handler after which the worker's connection dies, killed from outside.
 
-    It never uses the worker's connection itself, so the batch notices only
-    when it next talks to the server: at COMMIT.
+    arm() notes the backend of the worker's connection, from the worker's own
+    thread; the handler itself never uses that connection, so the batch
+    notices only when it next talks to the server: at COMMIT.
     """
-    backend = connection.connection.info.backend_pid
-    settings = connection.settings_dict
-    with psycopg.connect(
-        host=settings["HOST"] or "127.0.0.1",
-        port=settings["PORT"] or 5432,
-        user=settings["USER"],
-        dbname=settings["NAME"],
-        autocommit=True,
-    ) as other:
-        other.execute("SELECT pg_terminate_backend(%s)", [backend])
-        deadline = time.monotonic() + 5
-        while other.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE pid = %s", [backend]
-        ).fetchone():
-            assert time.monotonic() < deadline, "the backend outlived its kill"
-            time.sleep(0.01)
+
+    def __init__(self) -> None:
+        self.backend: int | None = None
+
+    def arm(self) -> None:
+        self.backend = backend_pid()
+
+    def __call__(self, event: OutboxEvent) -> None:
+        assert self.backend is not None, "arm() the plug before the batch runs"
+        settings = connection.settings_dict
+        with psycopg.connect(
+            host=settings["HOST"] or "127.0.0.1",
+            port=settings["PORT"] or 5432,
+            user=settings["USER"],
+            dbname=settings["NAME"],
+            autocommit=True,
+        ) as other:
+            # With a timeout, pg_terminate_backend waits for the session to end.
+            other.execute("SELECT pg_terminate_backend(%s, 5000)", [self.backend])
 
 
 def test_handler_writes__are_lost_with_a_connection_that_dies_before_the_commit(
     register_handler,
 ):
+    plug = Plug()
     register_handler("effect", record_worker)
-    register_handler("pull-the-plug", pull_the_plug)
+    register_handler("pull-the-plug", plug)
     event = publish("effect", {})
     publish("pull-the-plug", {})
     worker = Worker(worker_id="w", batch_size=10)
     claimed = worker.claim()
+    plug.arm()
 
     with pytest.raises(DatabaseError):
         worker.process(claimed)  # both handlers ran; the COMMIT fails
@@ -299,11 +306,13 @@ def test_deferred_constraint__fails_only_the_handler_that_broke_it(register_hand
 
 
 def test_batch_claimed_ahead__is_lost_with_a_connection_that_dies(register_handler):
-    register_handler("pull-the-plug", pull_the_plug)
+    plug = Plug()
+    register_handler("pull-the-plug", plug)
     publish("pull-the-plug", {})
     later = publish("pull-the-plug", {})
     worker = Worker(worker_id="w", batch_size=1)
     claimed = worker.claim()
+    plug.arm()
 
     with pytest.raises(DatabaseError):
         worker.process(claimed)  # the full batch claims ahead on a dead connection
@@ -401,12 +410,12 @@ class Heartbeat:
         self.runner.waiter.close()
 
 
-def test_heartbeat__extends_the_leases_a_live_worker_holds(
-    register_handler, fast_outbox
-):
+def test_heartbeat__extends_the_leases_a_live_worker_holds(register_handler):
     register_handler("effect", record_worker)
     publish("effect", {})
-    worker = Worker(worker_id="alive")  # lease 200 ms, heartbeat every 67 ms
+    # A lease of 600 ms, renewed every 200 ms: room for a stall of the
+    # heartbeat thread on a loaded machine.
+    worker = Worker(worker_id="alive", stuck_timeout_ms=600)
     claimed = worker.claim()  # held, not yet handled
     first_lease_end = OutboxEvent.objects.get().locked_until
     assert first_lease_end is not None
@@ -414,7 +423,7 @@ def test_heartbeat__extends_the_leases_a_live_worker_holds(
     with Heartbeat(worker):
         wait_until(
             lambda: OutboxEvent.objects.filter(
-                locked_until__gt=first_lease_end + timedelta(milliseconds=600)
+                locked_until__gt=first_lease_end + timedelta(milliseconds=1200)
             ).exists(),
             timeout=5,
         )

@@ -154,22 +154,28 @@ def test_key__publishers_committing_in_reverse_order_keep_publish_order(handled)
         order.append("second committed")
 
     threads = [in_thread(first)]
-    assert first_published.wait(5)
-    threads.append(in_thread(second))
-    # The second publisher now waits for the key's lock, not for luck.
-    wait_until(
-        lambda: (
-            bool(second_backend)
-            and waiting_for_a_lock(second_backend[0], locktype="advisory")
-        ),
-        timeout=5,
-    )
-    Worker().run_once()
-    assert handled == []
-    assert order == []
-    release_first.set()
-    for thread in threads:
-        thread.join(5)
+    try:
+        assert first_published.wait(5)
+        threads.append(in_thread(second))
+        # The second publisher waits for the key's lock; were there no lock,
+        # it would commit at once, and the checks below say what broke.
+        wait_until(
+            lambda: (
+                bool(order)
+                or (
+                    bool(second_backend)
+                    and waiting_for_a_lock(second_backend[0], locktype="advisory")
+                )
+            ),
+            timeout=5,
+        )
+        Worker().run_once()
+        assert handled == []  # nothing of the key ran ahead of the first
+        assert order == []  # and the second waited, for the key's lock
+    finally:
+        release_first.set()
+        for thread in threads:
+            thread.join(5)
     drain_until_done()
 
     assert order == ["first committed", "second committed"]
@@ -216,7 +222,8 @@ def test_key__publisher_inside_its_transaction_while_the_head_finishes(
     def step(event: OutboxEvent) -> None:
         seen.append(event.payload["name"])
         if event.payload["name"] == "head":
-            publishing.wait(5)  # a publisher of the key is inside its transaction
+            # A publisher of the key is inside its transaction.
+            assert publishing.wait(5)
 
     register_handler("step", step)
     publish("step", {"name": "head"}, key="org:1")
@@ -269,7 +276,7 @@ def test_key__a_busy_key_is_rechecked_even_after_other_keys_finish(register_hand
     def step(event: OutboxEvent) -> None:
         seen.append(event.payload["name"])
         if event.payload["name"] == "head":
-            publishing.wait(5)
+            assert publishing.wait(5)
 
     register_handler("step", step)
     publish("step", {"name": "head"}, key="org:1")

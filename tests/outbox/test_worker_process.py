@@ -5,12 +5,10 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
-from django.utils import timezone
 
 from outbox import publish
 from outbox.models import OutboxEvent, OutboxWorker, Status
@@ -91,10 +89,20 @@ def test_max_events__stops_after_that_many_and_gives_back_the_rest(workers):
     ) == {(Status.PENDING, 0, "", None)}
 
 
+def idle_after(worker: WorkerProcess, text: str, occurrence: int = 1) -> bool:
+    """Whether the worker went idle after the occurrence-th line containing text."""
+    output, position = worker.output, -1
+    for _ in range(occurrence):
+        position = output.find(text, position + 1)
+        if position < 0:
+            return False
+    return "outbox idle" in output[position:]
+
+
 def test_wakeup__handles_a_committed_event_without_waiting_for_the_poll(workers):
-    worker = start(workers, "--poll-ms", "30000")
+    worker = start(workers, "--poll-ms", "30000", "-v", "2")
     worker.wait_for_output("outbox listening on channel outbox_outboxevent")
-    time.sleep(0.2)  # idle, inside its 30 s wait
+    wait_until(lambda: idle_after(worker, "outbox listening"))  # in its 30 s wait
 
     published_at = time.time()
     event = publish("outbox_testapp.clock", {})
@@ -122,15 +130,12 @@ def test_sigterm__while_idle_exits_0_at_once(workers):
 
 
 def test_polling__a_worker_that_does_not_listen_picks_up_a_new_event(workers):
-    worker = start(workers, "--poll-ms", "100", OUTBOX_LISTEN="0")
+    worker = start(workers, "--poll-ms", "100", "-v", "2", OUTBOX_LISTEN="0")
     worker.wait_for_output("outbox worker started")
     assert "listen=False" in worker.output
+    worker.wait_for_output("outbox idle")  # its first claim found nothing
 
-    # Ready a second from now: long after the worker's first claim found
-    # nothing, so only a later poll can pick it up.
-    publish(
-        "outbox_testapp.record", {}, available_at=timezone.now() + timedelta(seconds=1)
-    )
+    publish("outbox_testapp.record", {})  # so only a later poll can find this
 
     wait_until(lambda: count(Status.COMPLETED) == 1, timeout=5)
     assert "outbox listening" not in worker.output
@@ -297,13 +302,18 @@ def terminate_other_backends() -> int:
 
 
 def test_connection_loss__the_worker_reconnects_and_carries_on(workers):
-    worker = start(workers, "--poll-ms", "30000")
+    worker = start(workers, "--poll-ms", "30000", "-v", "2")
     worker.wait_for_output("outbox listening")
     publish("outbox_testapp.record", {"n": 1})
     wait_until(lambda: count(Status.COMPLETED) == 1)
 
     assert terminate_other_backends() >= 2  # the claiming and the listening one
-    time.sleep(0.5)
+    # Listening again, then idle in a 30 s wait: only a NOTIFY is fast enough.
+    wait_until(
+        lambda: idle_after(worker, "outbox listening on channel", occurrence=2),
+        timeout=10,
+        context=lambda: worker.output,
+    )
     for number in range(5):
         publish("outbox_testapp.record", {"n": number})
     wait_until(lambda: count(Status.COMPLETED) == 6, timeout=10)
