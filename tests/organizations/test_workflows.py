@@ -2,7 +2,6 @@
 
 from datetime import timedelta
 
-import psycopg
 import pytest
 from django.core.mail.backends import locmem
 from django.db import OperationalError, connection, transaction
@@ -13,6 +12,7 @@ from organizations.models import AuditEntry, Invitation, Project
 from outbox.models import OutboxEvent, Status
 from outbox.testing import drain
 from outbox.worker import Worker
+from tests.outbox.sessions import backend_pid, terminate
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -25,33 +25,6 @@ def invite(api_as, admin):
     return api_as(admin).post(
         "organizations/acme/invitations", {"email": "new@example.com", "role": "member"}
     )
-
-
-def backend_pid() -> int:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        [pid] = cursor.fetchone()
-    return pid
-
-
-def terminate_from_another_connection(pid: int) -> None:
-    """End session pid as a crash would, and return once it is gone."""
-    settings = connection.settings_dict
-    with psycopg.connect(
-        host=settings["HOST"] or "127.0.0.1",
-        port=settings["PORT"] or 5432,
-        user=settings["USER"],
-        dbname=settings["NAME"],
-        autocommit=True,
-    ) as killer:
-        # With a timeout, pg_terminate_backend waits until the session exits.
-        [(terminated,)] = killer.execute(
-            "SELECT pg_terminate_backend(%s, 5000)", [pid]
-        ).fetchall()
-        [(left,)] = killer.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]
-        ).fetchall()
-    assert (terminated, left) == (True, 0)
 
 
 def test_happy_path__one_invitation_one_event_one_email(api_as, admin, mailoutbox):
@@ -161,7 +134,7 @@ def test_crash_recovery__a_worker_dying_after_the_email_resends_it_with_one_mess
 
     def send_then_crash(backend, messages):
         sent = send_messages(backend, messages)
-        terminate_from_another_connection(pid)  # before the outcome commits
+        terminate(pid)  # before the outcome commits
         return sent
 
     try:

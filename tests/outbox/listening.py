@@ -1,24 +1,14 @@
 """A LISTEN connection of its own, to see what workers would be told."""
 
 import psycopg
-from django.db import connection
+
+from tests.outbox.sessions import connect
 
 MARKER = "end-of-test-marker"
 
 
-def _connect() -> psycopg.Connection:
-    settings = connection.settings_dict
-    return psycopg.connect(
-        host=settings["HOST"] or "127.0.0.1",
-        port=settings["PORT"] or 5432,
-        user=settings["USER"],
-        dbname=settings["NAME"],
-        autocommit=True,
-    )
-
-
 def listen(channel: str = "outbox_outboxevent") -> psycopg.Connection:
-    listener = _connect()
+    listener = connect()
     listener.execute(f"LISTEN {channel}")
     return listener
 
@@ -33,7 +23,7 @@ def notifications(
     committed before it has arrived once the marker has, and no fixed wait
     is needed either way.
     """
-    with _connect() as sender:
+    with connect() as sender:
         sender.execute("SELECT pg_notify(%s, %s)", [channel, MARKER])
     count = 0
     for notification in listener.notifies(timeout=10):

@@ -4,7 +4,6 @@ import threading
 import time
 from datetime import timedelta
 
-import psycopg
 import pytest
 from django.db import DatabaseError, OperationalError, connection
 from django.db.models.functions import Now
@@ -13,7 +12,7 @@ from outbox import publish
 from outbox.models import OutboxEvent, OutboxWorker, Status
 from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
-from tests.outbox.sessions import backend_pid
+from tests.outbox.sessions import backend_pid, terminate
 from tests.outbox.worker_process import wait_until
 from tests.outbox_app.models import SideEffect
 
@@ -254,16 +253,7 @@ class Plug:
 
     def __call__(self, event: OutboxEvent) -> None:
         assert self.backend is not None, "arm() the plug before the batch runs"
-        settings = connection.settings_dict
-        with psycopg.connect(
-            host=settings["HOST"] or "127.0.0.1",
-            port=settings["PORT"] or 5432,
-            user=settings["USER"],
-            dbname=settings["NAME"],
-            autocommit=True,
-        ) as other:
-            # With a timeout, pg_terminate_backend waits for the session to end.
-            other.execute("SELECT pg_terminate_backend(%s, 5000)", [self.backend])
+        terminate(self.backend)
 
 
 def test_handler_writes__are_lost_with_a_connection_that_dies_before_the_commit(
