@@ -175,12 +175,15 @@ def test_slow_handler__is_not_taken_over_while_its_worker_holds_it(
         assert started.wait(5)
         wait_until(lambda: lease_has_run_out(event), timeout=5)
         assert thread.is_alive()  # the handler is still running
+        with connection.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '2s'")  # nor may the rival wait
         rival = Worker(worker_id="rival")
         rescued = rival.rescue_expired()
         claimed = rival.run_once().claimed
     finally:
         finish.set()
         thread.join(10)
+        connection.close()  # forget the session's lock timeout
 
     assert (rescued, claimed) == (0, 0)
     event.refresh_from_db()

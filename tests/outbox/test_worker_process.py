@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.db.models.functions import Now
 
 from outbox import publish
 from outbox.models import OutboxEvent, OutboxWorker, Status
@@ -281,8 +282,16 @@ def test_slow_handler__of_a_live_worker_is_not_taken_over(workers, tmp_path):
         "outbox_testapp.sleep", {"seconds": 2, "started_file": str(started)}
     )
     wait_until(started.exists)
+    # The lease runs out while the handler still runs (the heartbeat cannot
+    # extend a lease its own outcome transaction holds the row of), and the
+    # rival, rescuing every 250 ms, must still leave the event alone.
+    wait_until(
+        lambda: OutboxEvent.objects.filter(
+            pk=event.pk, status=Status.PROCESSING, locked_until__lt=Now()
+        ).exists(),
+        timeout=5,
+    )
 
-    # Four lease periods pass while the handler runs and the rival polls.
     wait_until(lambda: count(Status.COMPLETED) == 1, timeout=15)
     event.refresh_from_db()
     assert event.attempts == 1
