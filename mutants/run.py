@@ -264,7 +264,7 @@ class TestRun:
         arguments += ["-W", "ignore::pytest.PytestAssertRewriteWarning"]
         if self.database is not None:
             self.databases.create_copy(self.database)
-            os.environ["OUTBOX_TEST_DATABASE"] = self.database  # tests/conftest.py
+            os.environ["TEST_DATABASE_NAME"] = self.database  # tests/conftest.py
             arguments.append("--reuse-db")
         import pytest
 
@@ -563,9 +563,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(check: Check, mutants: Sequence[Mutant]) -> int:
     """Run the baseline, then the mutants; print a line for each; return 0 or 1."""
     width = max(len(mutant.name) for mutant in mutants)
-    baseline = list(check.run(check.baseline(mutants)))
+    baseline_jobs = check.baseline(mutants)
+    baseline = list(check.run(baseline_jobs))
     failed = [outcome for outcome in baseline if outcome.verdict != "passed"]
-    tests = sum(len(job.tests) for job in check.baseline(mutants))
+    tests = sum(len(job.tests) for job in baseline_jobs)
     print(
         f"{'baseline':<9}  {tests} tests in {len(baseline)} files on the unmutated "
         f"code: {len(baseline) - len(failed)} files passed "

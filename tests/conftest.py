@@ -12,7 +12,7 @@ pytest_plugins = ["outbox.testing"]
 def django_db_modify_db_settings() -> None:
     """Give every test run its own database so parallel runs never collide.
 
-    OUTBOX_TEST_DATABASE names a database prepared beforehand instead (the
+    TEST_DATABASE_NAME names a database prepared beforehand instead (the
     mutant check copies one per run; pytest then needs --reuse-db).
     """
     suffix = f"{os.getpid()}_{secrets.token_hex(4)}"
@@ -21,7 +21,7 @@ def django_db_modify_db_settings() -> None:
             continue  # Django tests SQLite in memory, private to the process.
         test: dict[str, Any] = dict(database.get("TEST") or {})  # type: ignore[call-overload]
         test["NAME"] = os.environ.get(
-            "OUTBOX_TEST_DATABASE", f"test_{database['NAME']}_{suffix}"
+            "TEST_DATABASE_NAME", f"test_{database['NAME']}_{suffix}"
         )
         database["TEST"] = test
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import dj_database_url
 
+from outbox.conf import POSITIVE_INTEGERS
+
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -52,10 +54,11 @@ USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # The worker tests' subprocesses take their timings from OUTBOX_* variables,
-# read here as config/settings.py reads them for the project.
+# read here as config/settings.py reads them for the project: the settings'
+# own names only, so an unrelated OUTBOX_* variable is no unknown setting.
 OUTBOX: dict[str, Any] = {
-    name.removeprefix("OUTBOX_"): value
-    for name, value in os.environ.items()
-    if name.startswith("OUTBOX_") and name != "OUTBOX_LISTEN"
+    name: os.environ[f"OUTBOX_{name}"]
+    for name in (*POSITIVE_INTEGERS, "WORKER_ID")
+    if os.environ.get(f"OUTBOX_{name}", "").strip()
 }
 OUTBOX["LISTEN"] = os.environ.get("OUTBOX_LISTEN", "1") != "0"

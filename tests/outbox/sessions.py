@@ -1,7 +1,16 @@
-"""Ask PostgreSQL what another session is doing, so races are seen, not hoped for."""
+"""Other sessions for race tests, and what PostgreSQL says they are doing.
+
+So a test sees that the race happened instead of sleeping and hoping.
+"""
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import psycopg
-from django.db import connection
+import pytest
+from django.db import connection, connections, transaction
 
 
 def connect() -> psycopg.Connection:
@@ -47,3 +56,57 @@ def waiting_for_a_lock(backend: int, *, locktype: str | None = None) -> bool:
             [backend, locktype, locktype],
         )
         return cursor.fetchone() is not None
+
+
+class InThread:
+    """Run a function on a thread, so on a database connection, of its own."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(function,))
+        self.thread.start()
+
+    def _run(self, function: Callable[[], Any]) -> None:
+        try:
+            self.result = function()
+        except BaseException as error:  # re-raised by join(), in the test
+            self.error = error
+        finally:
+            connections.close_all()
+
+    def join(self) -> Any:
+        """Wait for the function; return its result or raise its error."""
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the thread is still running"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@contextmanager
+def open_transaction(function: Callable[[], Any]) -> Iterator[Any]:
+    """Run function in another session's transaction; commit when the block ends.
+
+    Yields the function's result while its transaction, and its locks, stay
+    open.
+    """
+    done, commit = threading.Event(), threading.Event()
+    results: list[Any] = []
+
+    def hold() -> None:
+        with transaction.atomic():
+            results.append(function())
+            done.set()
+            commit.wait(10)
+
+    holder = InThread(hold)
+    while not done.wait(0.01):
+        if not holder.thread.is_alive():
+            holder.join()  # raises the function's error
+            pytest.fail("the transaction ended before it was held open")
+    try:
+        yield results[0]
+    finally:
+        commit.set()
+        holder.join()

@@ -1,4 +1,3 @@
-import threading
 import time
 from datetime import timedelta
 
@@ -9,6 +8,7 @@ from django.utils import timezone
 from outbox import PermanentFailure, Retry, publish
 from outbox.models import OutboxEvent, Status
 from outbox.worker import Worker
+from tests.outbox.sessions import open_transaction
 from tests.outbox_app.models import SideEffect
 
 pytestmark = pytest.mark.django_db
@@ -318,27 +318,13 @@ def test_claim__skips_events_another_claim_holds_without_waiting():
     wait for the first. A lock timeout turns either into an error.
     """
     held, free = publish("x", {}), publish("x", {})
-    holding, release = threading.Event(), threading.Event()
 
-    def hold_a_claim_open() -> None:
-        try:
-            with transaction.atomic():
-                Worker(worker_id="holder", batch_size=1)._claim()
-                holding.set()
-                release.wait(10)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=hold_a_claim_open)
-    thread.start()
     try:
-        assert holding.wait(5)
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '2s'")
-        claimed = Worker(worker_id="rival", batch_size=10).claim()
+        with open_transaction(Worker(worker_id="holder", batch_size=1)._claim):
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '2s'")
+            claimed = Worker(worker_id="rival", batch_size=10).claim()
     finally:
-        release.set()
-        thread.join(5)
         connection.close()  # forget the session's lock timeout
 
     assert [event.pk for event in claimed] == [free.pk]

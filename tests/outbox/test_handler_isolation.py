@@ -1,7 +1,5 @@
 """A handler's failure stays its own: writes, callbacks and the transaction."""
 
-import threading
-
 import pytest
 from django.db import IntegrityError, connection, transaction
 
@@ -9,7 +7,7 @@ from outbox import NewEvent, publish, publish_many
 from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import OutboxEvent, Status
 from outbox.worker import Worker
-from tests.outbox.sessions import backend_pid, waiting_for_a_lock
+from tests.outbox.sessions import InThread, backend_pid, waiting_for_a_lock
 from tests.outbox.worker_process import wait_until
 from tests.outbox_app.models import SideEffect
 
@@ -157,29 +155,19 @@ def test_batch__stops_opening_savepoints_before_postgresql_would_slow_down(
 def test_publish_many__losing_an_idempotency_race_returns_the_winner():
     """The loser waits on the winner's uncommitted row, then gets its event."""
     backend: list[int] = []
-    results: list[OutboxEvent] = []
 
-    def lose() -> None:
-        try:
-            with transaction.atomic():
-                backend.append(backend_pid())
-                results.extend(
-                    publish_many(
-                        [
-                            NewEvent("x", {"n": 1}, idempotency_key="race"),
-                            NewEvent("y", {}),
-                        ]
-                    )
-                )
-        finally:
-            connection.close()
+    @transaction.atomic
+    def lose() -> list[OutboxEvent]:
+        backend.append(backend_pid())
+        return publish_many(
+            [NewEvent("x", {"n": 1}, idempotency_key="race"), NewEvent("y", {})]
+        )
 
     with transaction.atomic():
         winner = publish("x", {"n": 0}, idempotency_key="race")
-        thread = threading.Thread(target=lose)
-        thread.start()
+        loser = InThread(lose)
         wait_until(lambda: bool(backend) and waiting_for_a_lock(backend[0]), timeout=5)
-    thread.join(5)
+    results = loser.join()
 
     assert [event.pk for event in results[:1]] == [winner.pk]
     assert results[1].pk is not None

@@ -12,7 +12,7 @@ from outbox import publish
 from outbox.models import OutboxEvent, OutboxWorker, Status
 from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
-from tests.outbox.sessions import backend_pid, terminate
+from tests.outbox.sessions import InThread, backend_pid, terminate
 from tests.outbox.worker_process import wait_until
 from tests.outbox_app.models import SideEffect
 
@@ -163,18 +163,11 @@ def test_slow_handler__is_not_taken_over_while_its_worker_holds_it(
     register_handler("slow", slow_handler)
     event = publish("slow", {})
 
-    def run_slow_worker() -> None:
-        try:
-            Worker(worker_id="slow").run_once()
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=run_slow_worker)
-    thread.start()
+    slow = InThread(Worker(worker_id="slow").run_once)
     try:
         assert started.wait(5)
         wait_until(lambda: lease_has_run_out(event), timeout=5)
-        assert thread.is_alive()  # the handler is still running
+        assert slow.thread.is_alive()  # the handler is still running
         with connection.cursor() as cursor:
             cursor.execute("SET lock_timeout = '2s'")  # nor may the rival wait
         rival = Worker(worker_id="rival")
@@ -182,7 +175,7 @@ def test_slow_handler__is_not_taken_over_while_its_worker_holds_it(
         claimed = rival.run_once().claimed
     finally:
         finish.set()
-        thread.join(10)
+        slow.join()
         connection.close()  # forget the session's lock timeout
 
     assert (rescued, claimed) == (0, 0)

@@ -2,13 +2,10 @@
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
 
 import pytest
-from django.db import connection, connections, transaction
+from django.db import connection
 from django.utils import timezone
 
 from outbox import operations, ordering, publish
@@ -18,6 +15,7 @@ from outbox.testing import drain
 from outbox.worker import Worker
 from tests.outbox.factories import OutboxEventFactory
 from tests.outbox.listening import listen, notifications
+from tests.outbox.sessions import InThread, open_transaction
 
 pytestmark = [pytest.mark.django_db]
 
@@ -30,60 +28,6 @@ def fail(event: OutboxEvent) -> None:
     OutboxEvent.objects.filter(pk=event.pk).update(
         status=Status.FAILED, attempts=event.max_attempts, waiting=False
     )
-
-
-class InThread:
-    """Run a function on a thread, so on a database connection, of its own."""
-
-    def __init__(self, function: Callable[[], Any]) -> None:
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(function,))
-        self.thread.start()
-
-    def _run(self, function: Callable[[], Any]) -> None:
-        try:
-            self.result = function()
-        except BaseException as error:  # re-raised by join(), in the test
-            self.error = error
-        finally:
-            connections.close_all()
-
-    def join(self) -> Any:
-        """Wait for the function; return its result or raise its error."""
-        self.thread.join(10)
-        assert not self.thread.is_alive(), "the thread is still running"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-@contextmanager
-def open_transaction(function: Callable[[], Any]) -> Iterator[Any]:
-    """Run function in another session's transaction; commit when the block ends.
-
-    Yields the function's result while its transaction, and its locks, stay
-    open.
-    """
-    done, commit = threading.Event(), threading.Event()
-    results: list[Any] = []
-
-    def hold() -> None:
-        with transaction.atomic():
-            results.append(function())
-            done.set()
-            commit.wait(10)
-
-    holder = InThread(hold)
-    while not done.wait(0.01):
-        if not holder.thread.is_alive():
-            holder.join()  # raises the function's error
-            pytest.fail("the transaction ended before it was held open")
-    try:
-        yield results[0]
-    finally:
-        commit.set()
-        holder.join()
 
 
 def lock_waits() -> int:

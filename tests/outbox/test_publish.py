@@ -1,15 +1,14 @@
-import threading
 from datetime import UTC, datetime
 from decimal import Decimal
 
 import django
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 
 from outbox import publish
 from outbox.models import OutboxEvent, Status
 from tests.outbox.listening import listen, notifications
-from tests.outbox.sessions import backend_pid, waiting_for_a_lock
+from tests.outbox.sessions import InThread, backend_pid, waiting_for_a_lock
 from tests.outbox.worker_process import wait_until
 
 
@@ -86,21 +85,17 @@ def test_publish__concurrent_idempotency_keys_write_one_event() -> None:
     backend: list[int] = []
     results: dict[str, int] = {}
 
-    def loser() -> None:
-        try:
-            with transaction.atomic():
-                backend.append(backend_pid())
-                results["loser"] = publish("x", {}, idempotency_key="race").pk
-                results["after"] = publish("y", {}).pk
-        finally:
-            connection.close()
+    @transaction.atomic
+    def lose() -> None:
+        backend.append(backend_pid())
+        results["loser"] = publish("x", {}, idempotency_key="race").pk
+        results["after"] = publish("y", {}).pk
 
     with transaction.atomic():
         results["winner"] = publish("x", {}, idempotency_key="race").pk
-        thread = threading.Thread(target=loser)
-        thread.start()
+        loser = InThread(lose)
         wait_until(lambda: bool(backend) and waiting_for_a_lock(backend[0]))
-    thread.join(5)
+    loser.join()
 
     assert results["loser"] == results["winner"]
     assert "after" in results
