@@ -83,7 +83,15 @@ def env_database(name: str, default: str) -> dict[str, object]:
     """Return a DATABASES entry parsed from a database URL."""
     url = env_str(name, default) or default
     try:
-        config: dict[str, object] = dict(dj_database_url.parse(url, conn_max_age=0))
+        # Kept open across requests, and by outbox workers across batches and
+        # events: with 0, a worker would reconnect for every one of them.
+        config: dict[str, object] = dict(
+            dj_database_url.parse(
+                url,
+                conn_max_age=env_int("DJANGO_CONN_MAX_AGE", default=60, minimum=0),
+                conn_health_checks=True,
+            )
+        )
     except ValueError as error:
         raise ImproperlyConfigured(
             f"{name}={_redact(url)!r} is not a database URL this project supports: "

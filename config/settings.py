@@ -162,6 +162,7 @@ OUTBOX: dict[str, Any] = {
         "BACKOFF_CAP_MS",
         "WORKER_ID",
         "PRUNE_AFTER_DAYS",
+        "CONCURRENCY",
     )
     if os.environ.get(f"OUTBOX_{name}", "").strip()
 }

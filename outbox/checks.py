@@ -2,8 +2,10 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, register
+from django.db import connections, router
 
-from outbox.conf import problems
+from outbox.conf import get_settings, problems
+from outbox.models import OutboxEvent
 
 
 @register()
@@ -14,4 +16,25 @@ def check_outbox_settings(**kwargs: Any) -> list[CheckMessage]:
         return []
     if not isinstance(raw, dict):
         return [Error("settings.OUTBOX must be a dict.", id="outbox.E001")]
-    return [Error(message, id="outbox.E002") for message in problems(raw)]
+    errors: list[CheckMessage] = [
+        Error(message, id="outbox.E002") for message in problems(raw)
+    ]
+    if not errors:
+        errors += _concurrency_errors()
+    return errors
+
+
+def _concurrency_errors() -> list[CheckMessage]:
+    """Refuse handlers in parallel on a database whose writers take turns."""
+    concurrency = get_settings().concurrency
+    vendor = connections[router.db_for_write(OutboxEvent)].vendor
+    if concurrency > 1 and vendor == "sqlite":
+        return [
+            Error(
+                f"settings.OUTBOX['CONCURRENCY'] (environment variable "
+                f"OUTBOX_CONCURRENCY) is {concurrency}, but the outbox's database "
+                "is SQLite, where writers take turns: use 1, or PostgreSQL.",
+                id="outbox.E003",
+            )
+        ]
+    return []

@@ -23,6 +23,7 @@ POSITIVE_INTEGERS = (
     "BACKOFF_BASE_MS",
     "BACKOFF_CAP_MS",
     "PRUNE_AFTER_DAYS",
+    "CONCURRENCY",
 )
 
 
@@ -30,6 +31,9 @@ POSITIVE_INTEGERS = (
 class OutboxSettings:
     poll_ms: int = 2000
     batch_size: int = 32
+    #: Handlers in flight at once in one worker process. 1 keeps handlers in
+    #: the worker's own thread: nothing in them needs to be thread-safe.
+    concurrency: int = 1
     stuck_timeout_ms: int = 60_000
     max_attempts: int = 10
     backoff_base_ms: int = 1000

@@ -1,4 +1,7 @@
+import secrets
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -44,6 +47,36 @@ class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
     def unfinished_of_key(self, key: str) -> "OutboxEventQuerySet":
         """Return the pending or processing events of key."""
         return self.filter(key=key, status__in=UNFINISHED)
+
+    def claim(self, *, worker_id: str, limit: int, lease: timedelta) -> "Batch":
+        """Lock up to limit ready events and lease them to worker_id.
+
+        Call inside a transaction: the events are locked with SELECT ... FOR
+        UPDATE SKIP LOCKED and marked processing, attempt counted, under a
+        fresh lease token, the fence every outcome of the batch is written on.
+        """
+        # statements builds its SQL from this module's model, so it comes late.
+        from outbox import statements
+
+        token = secrets.randbits(63)
+        events = statements.claim(
+            using=self.db, limit=limit, worker_id=worker_id, token=token, lease=lease
+        )
+        return Batch(events=events, token=token)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Events one claim leased, with the token that fences their outcomes."""
+
+    events: list["OutboxEvent"]
+    token: int
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __iter__(self) -> Iterator["OutboxEvent"]:
+        return iter(self.events)
 
 
 class OutboxEvent(models.Model):
@@ -187,54 +220,39 @@ class OutboxEvent(models.Model):
             },
         ][-HISTORY_LIMIT:]
 
-    def schedule_retry(self, *, delay: timedelta) -> None:
-        """Return the event to pending, available after delay."""
-        self.status = Status.PENDING
-        self.available_at = Now() + delay
-        self.locked_until = None
-        self.completed_at = None
-        self.save(
-            update_fields=[
-                "status",
-                "available_at",
-                "locked_until",
-                "completed_at",
-                "last_error",
-                "history",
-            ]
-        )
+    def schedule_retry(self, *, delay: timedelta) -> bool:
+        """Return the claimed event to pending, available after delay.
 
-    def fail(self) -> None:
-        """End the event as failed: terminal until an operator retries it."""
-        self.status = Status.FAILED
-        self.locked_until = None
-        self.completed_at = None
-        self.save(
-            update_fields=[
-                "status",
-                "locked_until",
-                "completed_at",
-                "last_error",
-                "history",
-            ]
-        )
+        Fenced like every outcome: only while the claim that ran it still
+        holds it. Return whether it did.
+        """
+        return self._record_outcome(status=Status.PENDING, available_at=Now() + delay)
 
-    def release(self) -> None:
-        """Give back a claimed event that was never started, uncharged."""
-        self.status = Status.PENDING
-        self.attempts -= 1
-        self.locked_by = ""
-        self.locked_until = None
-        self.completed_at = None
-        self.save(
-            update_fields=[
-                "status",
-                "attempts",
-                "locked_by",
-                "locked_until",
-                "completed_at",
-            ]
+    def fail(self) -> bool:
+        """End the claimed event as failed: terminal until an operator retries it.
+
+        Fenced like schedule_retry(); return whether it did.
+        """
+        return self._record_outcome(status=Status.FAILED)
+
+    def _record_outcome(self, **values: Any) -> bool:
+        """Write a failed attempt's outcome if the event's claim still holds it."""
+        held = (
+            type(self)
+            ._default_manager.using(self._state.db)
+            .filter(pk=self.pk, lease_token=self.lease_token, status=Status.PROCESSING)
         )
+        changed = held.update(
+            **values,
+            locked_until=None,
+            completed_at=None,
+            last_error=self.last_error,
+            history=self.history,
+        )
+        if changed:
+            self.status = values["status"]
+            self.locked_until = None
+        return bool(changed)
 
     def reopen(self, *, actor: str) -> None:
         """Return the event to pending, available now, with a fresh attempt budget.

@@ -13,10 +13,10 @@ rules hold this (docs/architecture.md, "Order per key"):
 Everything that touches `waiting` goes through this module.
 """
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from django.db import connections, transaction
-from django.db.models import Min, Q, Subquery
+from django.db.models import Exists, Min, Q, Subquery
 
 from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import UNFINISHED, OutboxEvent, Status
@@ -53,6 +53,77 @@ def lock_keys(keys: Collection[str], using: str) -> None:
         raise UnsupportedIsolationLevel(
             f"Events with a key need READ COMMITTED isolation, not {isolation}."
         )
+
+
+def join_queue(event: OutboxEvent, using: str) -> None:
+    """Lock a new keyed event's key and make it wait behind earlier ones.
+
+    publish() calls this just before the INSERT: publishers of the key hold
+    its lock, so the check sees every earlier event of the key that will
+    ever exist, and is evaluated by the INSERT itself.
+    """
+    lock_keys([event.key], using)
+    event.waiting = Exists(OutboxEvent.objects.unfinished_of_key(event.key))
+
+
+def join_queues(events: Iterable[OutboxEvent], using: str) -> None:
+    """Lock the keys of new events and set waiting on each, in list order.
+
+    The first new event of a key with no unfinished event is its head; every
+    other one waits.
+    """
+    keyed = [event for event in events if event.key]
+    keys = sorted({event.key for event in keyed})
+    if not keys:
+        return
+    lock_keys(keys, using)
+    busy = set(
+        OutboxEvent.objects.using(using)
+        .filter(key__in=keys, status__in=UNFINISHED)
+        .values_list("key", flat=True)
+        .distinct()
+    )
+    for event in keyed:
+        event.waiting = event.key in busy
+        busy.add(event.key)
+
+
+def finishes_key(status: str) -> bool:
+    """Whether an event that ends in this status lets the next of its key run.
+
+    Completed and failed events are done with; a retried one is still its
+    key's head and holds the others back until it finishes.
+    """
+    return status in (Status.COMPLETED, Status.FAILED)
+
+
+def advance(keys: Collection[str], using: str) -> set[str]:
+    """Promote the next event of each finished key; return the keys to re-check.
+
+    Call in the transaction that finished the keys' heads. A publisher of
+    the key still inside its transaction may add an event this cannot see
+    yet; such a key's lock is busy, so the caller checks it again later
+    (recheck()), when that publisher's NOTIFY has woken it.
+    """
+    busy = busy_keys(keys, using)
+    promote_heads(keys, using)
+    return busy
+
+
+def recheck(keys: Collection[str], using: str) -> set[str]:
+    """Promote the keys a publisher or an operator held at the last try.
+
+    Unlike a head's own outcome transaction, this one holds no row lock
+    that an operator's retry would wait for, so a key still held is left
+    for the next try rather than promoted under someone's feet. Return the
+    keys still held.
+    """
+    if not keys:
+        return set()
+    with transaction.atomic(using=using):
+        busy = busy_keys(keys, using)
+        promote_heads(set(keys) - busy, using)
+    return busy
 
 
 def busy_keys(keys: Collection[str], using: str) -> set[str]:

@@ -14,11 +14,10 @@ from typing import Any
 
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connections, router, transaction
-from django.db.models import Exists
 
 from outbox import ordering
 from outbox.conf import get_settings
-from outbox.models import UNFINISHED, OutboxEvent
+from outbox.models import OutboxEvent
 from outbox.registry import get_handler
 
 #: Rows per INSERT statement in publish_many().
@@ -89,10 +88,7 @@ def publish(
             if existing:
                 return existing[event.idempotency_key]
         if event.key:
-            ordering.lock_keys([event.key], using)
-            # Publishers of the key hold its lock, so this sees every
-            # earlier event of the key that will ever exist.
-            event.waiting = Exists(OutboxEvent.objects.unfinished_of_key(event.key))
+            ordering.join_queue(event, using)
         event = _insert_one(event, using)
     return event
 
@@ -117,7 +113,7 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
             elif event.idempotency_key not in stored:
                 stored[event.idempotency_key] = event
                 fresh.append(event)
-        _mark_waiting(fresh, using)
+        ordering.join_queues(fresh, using)
         _insert_many(fresh, using)
         for event in fresh:
             if event.idempotency_key:
@@ -173,28 +169,8 @@ def _insert_many(events: list[OutboxEvent], using: str) -> None:
             for index, event in enumerate(chunk):
                 event.pk = None
                 if event.key:
-                    event.waiting = Exists(
-                        OutboxEvent.objects.unfinished_of_key(event.key)
-                    )
+                    ordering.join_queue(event, using)
                 events[start + index] = _insert_one(event, using)
-
-
-def _mark_waiting(events: list[OutboxEvent], using: str) -> None:
-    """Set waiting on each keyed event that follows an unfinished one."""
-    keys = sorted({event.key for event in events if event.key})
-    if not keys:
-        return
-    ordering.lock_keys(keys, using)
-    busy = set(
-        OutboxEvent.objects.using(using)
-        .filter(key__in=keys, status__in=UNFINISHED)
-        .values_list("key", flat=True)
-        .distinct()
-    )
-    for event in events:
-        if event.key:
-            event.waiting = event.key in busy
-            busy.add(event.key)
 
 
 def _existing_events(idempotency_keys: list[str], using: str) -> dict[str, OutboxEvent]:

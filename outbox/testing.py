@@ -15,7 +15,8 @@ real commit is needed) and in transactional tests alike.
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from outbox.worker import BatchResult, Worker
+from outbox.recording import BatchResult
+from outbox.worker import Worker
 
 DRAIN_WORKER_ID = "outbox-testing-drain"
 
@@ -25,22 +26,13 @@ def drain(
 ) -> BatchResult:
     """Handle events until none is ready; return what was done.
 
-    Events scheduled for a later retry are not ready, so drain() returns
-    without waiting for them: a failing handler shows up as result.retried.
+    Runs the worker's own loop in this thread, on this thread's connection,
+    one handler at a time. Events scheduled for a later retry are not ready,
+    so drain() returns without waiting for them: a failing handler shows up
+    as result.retried.
     """
-    worker = Worker(worker_id=DRAIN_WORKER_ID, batch_size=batch_size)
-    total = BatchResult()
-    try:
-        while max_events is None or total.claimed < max_events:
-            if max_events is not None:
-                worker.batch_size = min(worker.batch_size, max_events - total.claimed)
-            result = worker.run_once()
-            if not result.claimed:
-                break
-            total += result
-    finally:
-        total.released += worker.release_claimed_ahead()
-    return total
+    worker = Worker(worker_id=DRAIN_WORKER_ID, batch_size=batch_size, concurrency=1)
+    return worker.run(drain=True, max_events=max_events)
 
 
 try:

@@ -8,7 +8,7 @@ from django.utils import timezone
 from outbox import PermanentFailure, Retry, publish
 from outbox.models import OutboxEvent, Status
 from outbox.worker import Worker
-from tests.outbox.sessions import open_transaction
+from tests.outbox.sessions import connect, open_transaction
 from tests.outbox_app.models import SideEffect
 
 pytestmark = pytest.mark.django_db
@@ -260,53 +260,46 @@ def test_backoff__grows_exponentially_with_jitter_and_a_cap() -> None:
     worker = Worker()
 
     for attempt, ceiling in [(1, 1), (2, 2), (3, 4), (7, 60), (40, 60)]:
-        delays = [worker.backoff(attempt).total_seconds() for _ in range(50)]
+        delays = [worker.backoff.delay(attempt).total_seconds() for _ in range(50)]
         assert all(ceiling / 2 <= delay <= ceiling for delay in delays)
         assert len(set(delays)) > 1
 
 
-@pytest.mark.sqlite
-def test_full_batch__claims_the_next_one_in_the_same_transaction(register_handler):
-    register_handler("noop", lambda event: None)
-    for _ in range(5):
-        publish("noop", {})
-    worker = Worker(worker_id="w", batch_size=2)
+@pytest.mark.django_db(transaction=True)
+def test_turn__records_a_batch_and_claims_the_next_in_one_transaction(
+    register_handler,
+):
+    """One commit per batch: the outcomes and the next claim share a transaction.
 
-    first = worker.run_once()
+    PostgreSQL stamps each row with the transaction that last wrote it (xmin).
+    """
+    stamps: list[str] = []
 
-    assert (first.claimed, first.completed) == (2, 2)
-    statuses = list(OutboxEvent.objects.order_by("id").values_list("status", flat=True))
-    assert statuses == ["completed", "completed", "processing", "processing", "pending"]
-    assert worker.release_claimed_ahead() == 2
-    assert OutboxEvent.objects.filter(status=Status.PENDING, attempts=0).count() == 3
+    def note_who_wrote_the_first_four(event: OutboxEvent) -> None:
+        if event.pk == events[2].pk:
+            with connect() as session:
+                stamps.extend(
+                    row[0]
+                    for row in session.execute(
+                        "SELECT xmin::text FROM outbox_outboxevent WHERE id = ANY(%s)"
+                        " ORDER BY id",
+                        [[e.pk for e in events[:4]]],
+                    )
+                )
+
+    register_handler("noop", note_who_wrote_the_first_four)
+    events = [publish("noop", {}) for _ in range(5)]
+
+    result = Worker(worker_id="w", batch_size=2).run(drain=True)
+
+    assert (result.claimed, result.completed) == (5, 5)
+    assert len(stamps) == 4 and len(set(stamps)) == 1, stamps
 
 
-@pytest.mark.sqlite
-def test_partial_batch__claims_nothing_ahead(register_handler):
-    register_handler("noop", lambda event: None)
-    for _ in range(3):
-        publish("noop", {})
-    worker = Worker(batch_size=5)
-
-    worker.run_once()
-
-    assert worker.release_claimed_ahead() == 0
-    assert not OutboxEvent.objects.exclude(status=Status.COMPLETED).exists()
-
-
-@pytest.mark.sqlite
-def test_batch_claimed_ahead__is_cut_to_a_smaller_limit(register_handler):
-    register_handler("noop", lambda event: None)
-    for _ in range(6):
-        publish("noop", {})
-    worker = Worker(batch_size=3)
-    worker.run_once()  # handles 3, claims 3 ahead
-
-    worker.batch_size = 1
-    result = worker.run_once()
-
-    assert (result.completed, result.released) == (1, 2)
-    assert OutboxEvent.objects.filter(status=Status.PENDING, attempts=0).count() == 2
+def claim_one_for_the_holder():
+    return OutboxEvent.objects.claim(
+        worker_id="holder", limit=1, lease=timedelta(seconds=60)
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -320,7 +313,7 @@ def test_claim__skips_events_another_claim_holds_without_waiting():
     held, free = publish("x", {}), publish("x", {})
 
     try:
-        with open_transaction(Worker(worker_id="holder", batch_size=1)._claim):
+        with open_transaction(claim_one_for_the_holder):
             with connection.cursor() as cursor:
                 cursor.execute("SET lock_timeout = '2s'")
             claimed = Worker(worker_id="rival", batch_size=10).claim()

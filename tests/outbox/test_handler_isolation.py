@@ -5,7 +5,7 @@ from django.db import IntegrityError, connection, transaction
 
 from outbox import NewEvent, publish, publish_many
 from outbox.errors import UnsupportedIsolationLevel
-from outbox.models import OutboxEvent, Status
+from outbox.models import OutboxEvent
 from outbox.worker import Worker
 from tests.outbox.sessions import InThread, backend_pid, waiting_for_a_lock
 from tests.outbox.worker_process import wait_until
@@ -131,24 +131,6 @@ def test_key__head_released_after_a_sibling_published_behind_it(register_handler
     Worker().run_once()
     Worker().run_once()
     assert seen == ["head", "behind"]
-
-
-@pytest.mark.sqlite
-@pytest.mark.django_db
-def test_batch__stops_opening_savepoints_before_postgresql_would_slow_down(
-    register_handler,
-):
-    register_handler("write", record)
-    for _ in range(POSTGRESQL_CACHED_SUBTRANSACTIONS + 6):
-        publish("write", {})
-
-    result = Worker(batch_size=POSTGRESQL_CACHED_SUBTRANSACTIONS + 6).run_once()
-
-    # Each handler that writes opens one savepoint; the rest go back uncharged.
-    assert 0 < result.completed <= POSTGRESQL_CACHED_SUBTRANSACTIONS
-    assert result.completed + result.released == POSTGRESQL_CACHED_SUBTRANSACTIONS + 6
-    released = OutboxEvent.objects.filter(status=Status.PENDING, attempts=0)
-    assert released.count() == result.released
 
 
 @pytest.mark.django_db(transaction=True)

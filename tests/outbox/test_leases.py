@@ -5,12 +5,11 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import DatabaseError, OperationalError, connection
+from django.db import OperationalError, connection, connections
 from django.db.models.functions import Now
 
-from outbox import publish
+from outbox import publish, runner
 from outbox.models import OutboxEvent, OutboxWorker, Status
-from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
 from tests.outbox.sessions import InThread, backend_pid, terminate
 from tests.outbox.worker_process import wait_until
@@ -149,9 +148,11 @@ def lease_has_run_out(event: OutboxEvent) -> bool:
     return OutboxEvent.objects.filter(pk=event.pk, locked_until__lt=Now()).exists()
 
 
-def test_slow_handler__is_not_taken_over_while_its_worker_holds_it(
-    register_handler, fast_outbox
-):
+def test_slow_handler__is_not_taken_over_while_its_worker_is_alive(register_handler):
+    """The heartbeat keeps the lease of a handler in flight, long past its first end.
+
+    The rival must neither take the event nor wait for it.
+    """
     started = threading.Event()
     finish = threading.Event()
 
@@ -162,26 +163,37 @@ def test_slow_handler__is_not_taken_over_while_its_worker_holds_it(
 
     register_handler("slow", slow_handler)
     event = publish("slow", {})
-
-    slow = InThread(Worker(worker_id="slow").run_once)
-    try:
-        assert started.wait(5)
-        wait_until(lambda: lease_has_run_out(event), timeout=5)
-        assert slow.thread.is_alive()  # the handler is still running
-        with connection.cursor() as cursor:
-            cursor.execute("SET lock_timeout = '2s'")  # nor may the rival wait
-        rival = Worker(worker_id="rival")
-        rescued = rival.rescue_expired()
-        claimed = rival.run_once().claimed
-    finally:
-        finish.set()
-        slow.join()
-        connection.close()  # forget the session's lock timeout
+    worker = Worker(worker_id="slow", stuck_timeout_ms=600)
+    with Heartbeat(worker):
+        slow = InThread(worker.run_once)
+        try:
+            assert started.wait(5)
+            first_lease_end = OutboxEvent.objects.get().locked_until
+            wait_until(lambda: database_now() > first_lease_end, timeout=5)
+            assert slow.thread.is_alive()  # the handler is still running
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '2s'")  # nor may the rival wait
+            rival = Worker(worker_id="rival")
+            rescued = rival.rescue_expired()
+            claimed = rival.run_once().claimed
+        finally:
+            finish.set()
+            slow.join()
+            connection.close()  # forget the session's lock timeout
 
     assert (rescued, claimed) == (0, 0)
     event.refresh_from_db()
-    assert (event.status, event.attempts) == (Status.COMPLETED, 1)
-    assert list(SideEffect.objects.values_list("note", flat=True)) == ["slow"]
+    assert (event.status, event.locked_by, event.attempts) == (
+        Status.COMPLETED,
+        "slow",
+        1,
+    )
+
+
+def database_now():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement_timestamp()")
+        return cursor.fetchone()[0]
 
 
 def test_dead_workers_events__are_claimed_again_once_the_lease_expires(
@@ -252,26 +264,29 @@ class Plug:
         terminate(self.backend)
 
 
-def test_handler_writes__are_lost_with_a_connection_that_dies_before_the_commit(
+def test_handler_writes__roll_back_with_a_connection_that_dies_before_their_commit(
     register_handler,
 ):
+    """The handler's transaction dies; the worker records a retry on a new one."""
     plug = Plug()
-    register_handler("effect", record_worker)
-    register_handler("pull-the-plug", plug)
+
+    def write_then_pull_the_plug(event: OutboxEvent) -> None:
+        record_worker(event)
+        plug(event)
+
+    register_handler("effect", write_then_pull_the_plug)
     event = publish("effect", {})
-    publish("pull-the-plug", {})
-    worker = Worker(worker_id="w", batch_size=10)
+    worker = Worker(worker_id="w")
     claimed = worker.claim()
     plug.arm()
 
-    with pytest.raises(DatabaseError):
-        worker.process(claimed)  # both handlers ran; the COMMIT fails
+    result = worker.process(claimed)  # the handler's COMMIT fails
 
-    connection.close()
+    assert (result.completed, result.retried) == (0, 1)
     event.refresh_from_db()
-    assert (event.status, event.locked_by) == (Status.PROCESSING, "w")
+    assert (event.status, event.attempts) == (Status.PENDING, 1)
+    assert event.history[0]["worker"] == "w"
     assert not SideEffect.objects.exists()
-    assert worker.held_tokens == frozenset()  # its lease lapses, for the rescue
 
 
 def test_deferred_constraint__fails_only_the_handler_that_broke_it(register_handler):
@@ -291,37 +306,7 @@ def test_deferred_constraint__fails_only_the_handler_that_broke_it(register_hand
     assert SideEffect.objects.filter(event_uuid__in=[e.uuid for e in good]).count() == 3
 
 
-def test_batch_claimed_ahead__is_lost_with_a_connection_that_dies(register_handler):
-    plug = Plug()
-    register_handler("pull-the-plug", plug)
-    publish("pull-the-plug", {})
-    later = publish("pull-the-plug", {})
-    worker = Worker(worker_id="w", batch_size=1)
-    claimed = worker.claim()
-    plug.arm()
-
-    with pytest.raises(DatabaseError):
-        worker.process(claimed)  # the full batch claims ahead on a dead connection
-
-    connection.close()
-    later.refresh_from_db()
-    assert (later.status, later.attempts) == (Status.PENDING, 0)
-    assert worker.release_claimed_ahead() == 0
-
-
-def heartbeat_and_tick(runner, seconds=1.5):
-    """What Runner does: the heartbeat extends leases every lease/3; ticks run."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        runner._extend_leases()
-        try:
-            runner._tick()
-        except Exception:
-            runner._discard_broken_connection()
-        time.sleep(0.05)
-
-
-def test_heartbeat__lets_the_lease_of_a_batch_lost_with_its_transaction_lapse(
+def test_connection_lost_inside_a_handler__retries_the_event_and_the_worker_goes_on(
     register_handler, fast_outbox
 ):
     calls = []
@@ -335,65 +320,82 @@ def test_heartbeat__lets_the_lease_of_a_batch_lost_with_its_transaction_lapse(
 
     register_handler("effect", handler)
     event = publish("effect", {})
-    worker = Worker(worker_id="w")  # lease 200 ms
-    runner = Runner(worker, RunOptions(poll_ms=50, listen=False))
-    try:
-        with pytest.raises(OperationalError):
-            worker.run_once()
-        runner._discard_broken_connection()
-        heartbeat_and_tick(runner)  # 7 lease periods
-    finally:
-        runner.waiter.close()
-    event.refresh_from_db()
-    assert event.status == Status.COMPLETED, (event.status, event.locked_until)
+    worker = Worker(worker_id="w")
+
+    assert worker.run_once().retried == 1
+    run_until_done(worker, event)
+
+    assert event.status == Status.COMPLETED
+    assert SideEffect.objects.count() == 1
 
 
-def test_heartbeat__lets_a_batch_claimed_ahead_by_an_ambiguous_commit_lapse(
-    register_handler, fast_outbox, monkeypatch
+def test_batch_claimed_by_an_ambiguous_commit__lapses_and_is_handled_again(
+    register_handler, fast_outbox
 ):
-    register_handler("effect", record_worker)
-    publish("effect", {})
+    """The loop's second turn records the first event and claims the second.
+
+    Its COMMIT reaches the server and succeeds, but the reply is lost: the
+    worker cannot know it holds the second event. Its lease must lapse (no
+    heartbeat may keep it), the rescue hands it on, and the loop goes on.
+    """
+    calls = []
+    register_handler("effect", lambda event: calls.append(event.pk))
+    first = publish("effect", {})
     later = publish("effect", {})
     worker = Worker(worker_id="w", batch_size=1)
-    runner = Runner(worker, RunOptions(poll_ms=50, listen=False))
-    claimed = worker.claim()
-    real_commit = connection.commit
 
-    # The COMMIT reached the server and succeeded, but its reply was lost: a
-    # failure only a patched commit can stage at exactly this point.
-    def commit_then_lose_the_reply():
-        real_commit()
-        raise OperationalError("server closed the connection unexpectedly")
+    def run_losing_the_second_commits_reply():
+        loop_connection = connections["default"]  # this thread's own
+        real_commit = loop_connection.commit
+        lost: list[int] = []
 
-    monkeypatch.setattr(connection, "commit", commit_then_lose_the_reply)
-    with pytest.raises(OperationalError):
-        worker.process(claimed)
-    monkeypatch.undo()
+        # A failure only a patched commit can stage at exactly this point.
+        def commit_then_lose_the_reply():
+            claims_later = not lost and (
+                OutboxEvent.objects.filter(pk=later.pk, status=Status.PROCESSING)
+                .exclude(attempts=0)
+                .exists()
+            )
+            real_commit()
+            if claims_later:
+                lost.append(later.pk)
+                raise OperationalError("server closed the connection unexpectedly")
+
+        loop_connection.commit = commit_then_lose_the_reply  # type: ignore[method-assign]
+        try:
+            return worker.run(poll_seconds=0.05, survive_errors=True)
+        finally:
+            del loop_connection.commit
+
+    loop = InThread(run_losing_the_second_commits_reply)
     try:
-        assert worker._claimed_ahead == []
-        heartbeat_and_tick(runner)
+        wait_until(
+            lambda: not OutboxEvent.objects.exclude(status=Status.COMPLETED).exists(),
+            timeout=10,
+        )
     finally:
-        runner.waiter.close()
+        worker.stop()
+        loop.join()
+    first.refresh_from_db()
     later.refresh_from_db()
-    assert later.status == Status.COMPLETED, (later.status, later.locked_by)
+    assert (first.attempts, later.attempts) == (1, 2)
+    assert later.history[0]["error"] == "outbox.errors.LeaseExpired"
+    assert calls == [first.pk, later.pk]
 
 
 class Heartbeat:
-    """Run a Runner's heartbeat thread, as run_outbox_worker does, for a test."""
+    """Run a worker's heartbeat thread, as run_outbox_worker does, for a test."""
 
     def __init__(self, worker: Worker) -> None:
-        self.runner = Runner(worker, RunOptions(poll_ms=50, listen=False))
-        self.thread = threading.Thread(target=self.runner._beat)
+        self.heartbeat = runner.Heartbeat(worker)
 
-    def __enter__(self) -> Runner:
-        self.runner._register()
-        self.thread.start()
-        return self.runner
+    def __enter__(self) -> runner.Heartbeat:
+        self.heartbeat.register()
+        self.heartbeat.start()
+        return self.heartbeat
 
     def __exit__(self, *exc_info: object) -> None:
-        self.runner._stopping.set()
-        self.thread.join(5)
-        self.runner.waiter.close()
+        self.heartbeat.stop()
 
 
 def test_heartbeat__extends_the_leases_a_live_worker_holds(register_handler):

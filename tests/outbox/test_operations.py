@@ -65,7 +65,7 @@ def wait_until_blocked(session: InThread) -> None:
 
 
 def claim_one() -> list[OutboxEvent]:
-    return Worker(worker_id="w", batch_size=1).claim()
+    return list(Worker(worker_id="w", batch_size=1).claim())
 
 
 @pytest.fixture
@@ -324,8 +324,6 @@ def test_promotion__racing_an_operator_retry_leaves_one_head(
         go.wait(5)
 
     monkeypatch.setattr("outbox.operations.notify_workers", paused_notify)
-    worker = Worker(worker_id="w")
-    worker._next_rescue = worker._next_sweep = float("inf")
 
     def operator():
         retry_events([first.pk], actor="ops")
@@ -334,8 +332,7 @@ def test_promotion__racing_an_operator_retry_leaves_one_head(
         if promoter == "sweep":
             ordering.promote_orphaned_heads("default")
         else:
-            worker._keys_to_recheck = {"k"}
-            worker.run_once()  # recheck of the busy key, then claim
+            ordering.recheck({"k"}, "default")  # as the worker's maintenance does
 
     op = InThread(operator)
     assert in_txn.wait(5)  # operator: key + rows locked, first re-opened as head

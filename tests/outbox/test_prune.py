@@ -10,7 +10,6 @@ from django.utils import timezone
 
 from outbox.models import OutboxEvent, Status
 from outbox.pruning import parse_duration, prune
-from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
 from tests.outbox.factories import OutboxEventFactory
 
@@ -157,39 +156,35 @@ def test_command__names_the_option_it_cannot_read(arguments, option) -> None:
         call_command("prune_outbox", *arguments)
 
 
-def make_runner() -> Runner:
-    runner = Runner(Worker(worker_id="pruner"), RunOptions(poll_ms=1000))
-    runner._next_prune = 0.0  # due now
-    return runner
+@pytest.fixture
+def clock(monkeypatch):
+    """The maintenance's monotonic clock, moved by hand."""
+    now = [1000.0]
+    monkeypatch.setattr("outbox.maintenance.time.monotonic", lambda: now[0])
+    return now
 
 
-def test_worker__prunes_once_a_minute_when_the_setting_is_on(mix, monkeypatch) -> None:
-    clock = [1000.0]
-    monkeypatch.setattr("outbox.runner.time.monotonic", lambda: clock[0])
+def test_worker__prunes_once_a_minute_when_the_setting_is_on(mix, clock) -> None:
     with override_settings(OUTBOX={"PRUNE_AFTER_DAYS": "7"}):
-        runner = make_runner()
-        try:
-            runner._tick()
-            assert remaining(mix) == set(mix) - {"old_completed"}
-            later = aged(OutboxEventFactory.create(completed=True))
-            clock[0] += 59
-            runner._tick()  # not due again yet
-            assert OutboxEvent.objects.filter(pk=later.pk).exists()
-            clock[0] += 2
-            runner._tick()
-        finally:
-            runner.waiter.close()
+        maintenance = Worker(worker_id="pruner").maintenance
+        clock[0] += 60
+        maintenance.run_due()
+        assert remaining(mix) == set(mix) - {"old_completed"}
+        later = aged(OutboxEventFactory.create(completed=True))
+        clock[0] += 59
+        maintenance.run_due()  # not due again yet
+        assert OutboxEvent.objects.filter(pk=later.pk).exists()
+        clock[0] += 2
+        maintenance.run_due()
 
     assert not OutboxEvent.objects.filter(pk=later.pk).exists()
 
 
-def test_worker__does_not_prune_by_default(mix) -> None:
+def test_worker__does_not_prune_by_default(mix, clock) -> None:
     with override_settings(OUTBOX={}):
-        runner = make_runner()
-        try:
-            runner._tick()
-        finally:
-            runner.waiter.close()
+        maintenance = Worker(worker_id="pruner").maintenance
+        clock[0] += 60
+        maintenance.run_due()
 
     assert "old_completed" in remaining(mix)
     assert Status.COMPLETED in OutboxEvent.objects.values_list("status", flat=True)

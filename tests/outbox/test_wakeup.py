@@ -12,20 +12,6 @@ from tests.outbox.listening import listen, notifications
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-def test_release__of_a_batch_claimed_ahead_wakes_the_other_workers(register_handler):
-    register_handler("noop", lambda event: None)
-    for _ in range(4):
-        publish("noop", {})
-    worker = Worker(batch_size=2)
-    worker.run_once()  # a full batch: the next one is claimed ahead
-    listener = listen()
-    try:
-        assert worker.release_claimed_ahead() == 2
-        assert notifications(listener) == 1
-    finally:
-        listener.close()
-
-
 def test_release__of_unstarted_events_at_a_stop_wakes_the_other_workers(
     register_handler,
 ):

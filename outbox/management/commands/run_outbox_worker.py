@@ -2,9 +2,11 @@ import logging
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections, router
 
 from outbox.conf import get_settings
 from outbox.management.arguments import positive_int, positive_seconds
+from outbox.models import OutboxEvent
 from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
 
@@ -21,6 +23,13 @@ class Command(BaseCommand):
             type=positive_int,
             default=settings.batch_size,
             help="Events claimed per batch (default: %(default)r).",
+        )
+        parser.add_argument(
+            "--concurrency",
+            type=positive_int,
+            default=settings.concurrency,
+            help="Handlers in flight at once, each in a thread with its own "
+            "database connection; 1 on SQLite (default: %(default)r).",
         )
         parser.add_argument(
             "--poll-ms",
@@ -62,6 +71,7 @@ class Command(BaseCommand):
         self,
         *,
         batch_size: int,
+        concurrency: int,
         poll_ms: int,
         stuck_timeout_ms: int,
         worker_id: str,
@@ -73,6 +83,12 @@ class Command(BaseCommand):
     ) -> None:
         if not worker_id.strip():
             raise CommandError("--worker-id must not be empty.")
+        vendor = connections[router.db_for_write(OutboxEvent)].vendor
+        if concurrency > 1 and vendor == "sqlite":
+            raise CommandError(
+                f"--concurrency {concurrency} needs PostgreSQL: on SQLite writers "
+                "take turns, so use 1."
+            )
         logger = logging.getLogger("outbox")
         logger.setLevel(VERBOSITY_LEVELS.get(verbosity, logging.DEBUG))
         if not logger.handlers and not logging.getLogger().handlers:
@@ -81,6 +97,7 @@ class Command(BaseCommand):
         worker = Worker(
             worker_id=worker_id,
             batch_size=batch_size,
+            concurrency=concurrency,
             stuck_timeout_ms=stuck_timeout_ms,
             settings=settings,
         )

@@ -1,0 +1,156 @@
+"""Run one claimed event's handler and say how it ended.
+
+run_event() is what a slot does with an event (see slots.py). The handler
+runs inside a transaction of its own, on the slot's connection:
+
+- It returned and never wrote: its completion is left to the worker, which
+  records the completions of many events with one statement (Run.recorded
+  is False). Most handlers (an email, an HTTP call) end this way.
+- It returned and wrote: its completed mark is written in the same
+  transaction, fenced on the claim's lease token, so its writes and its
+  mark commit together or not at all (Run.recorded is True). A lost lease
+  rolls its writes back.
+- It raised (or its commit failed): its writes and the on_commit callbacks
+  it registered are rolled back, and the failure is left to the worker,
+  decided already: retried after a backoff, or failed for good.
+
+async def handlers run through asgiref's async_to_sync in the slot's
+thread: each call gets an event loop of its own, and the ORM calls it makes
+(sync_to_async, thread-sensitive) come back to that thread and its
+transaction. A slot is busy while an async handler awaits, as for a
+blocking one.
+"""
+
+import enum
+import inspect
+import logging
+import random
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.db import connections, transaction
+from django.db.transaction import TransactionManagementError
+
+from outbox import ordering, statements
+from outbox.errors import HandlerNotFound, PermanentFailure, Retry
+from outbox.models import OutboxEvent, Status
+from outbox.registry import Handler, get_handler
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    """What became of a claimed event."""
+
+    #: The handler returned; the event is done.
+    COMPLETED = "completed"
+    #: The handler raised with attempts left: pending again after a backoff.
+    RETRIED = "retried"
+    #: The handler raised for the last time, or gave up: terminal.
+    FAILED = "failed"
+    #: Never started (the worker was stopping): pending again, uncharged.
+    RELEASED = "released"
+    #: The claim's lease was lost: another owner decides its fate.
+    LOST = "lost"
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff, capped, with "equal jitter".
+
+    The delay after the nth failed attempt is base * 2**(n-1), capped,
+    then a random share between half and all of it, so retries of events
+    that failed together spread out instead of failing together again.
+    """
+
+    base_ms: int
+    cap_ms: int
+
+    def delay(self, attempt: int) -> timedelta:
+        """Return the delay before retrying after the given failed attempt."""
+        ceiling = min(self.cap_ms, self.base_ms * 2 ** min(attempt - 1, 32))
+        jittered = random.uniform(ceiling / 2, ceiling)  # noqa: S311 - not crypto
+        return timedelta(milliseconds=jittered)
+
+
+@dataclass
+class Run:
+    """One event's run in a slot."""
+
+    event: OutboxEvent
+    outcome: Outcome
+    #: Whether the run's own transaction already wrote the outcome.
+    recorded: bool = False
+    error: BaseException | None = None
+    #: For RETRIED: how long until the next attempt.
+    retry_in: timedelta | None = None
+    #: Keys whose next event a publisher held back from promotion.
+    keys_to_recheck: set[str] = field(default_factory=set)
+
+
+def run_event(event: OutboxEvent, *, using: str, backoff: Backoff) -> Run:
+    """Run the event's handler in a transaction of its own; return how it ended."""
+    registered = get_handler(event.event_type)
+    if registered is None:
+        return failed_run(event, HandlerNotFound(event.event_type), backoff)
+    try:
+        return _run_in_transaction(registered, event, using)
+    except _LeaseLost:
+        return Run(event, Outcome.LOST, recorded=True)
+    except Exception as error:
+        return failed_run(event, error, backoff)
+
+
+def failed_run(event: OutboxEvent, error: BaseException, backoff: Backoff) -> Run:
+    """Decide a failed attempt's outcome: retried after a delay, or failed."""
+    if isinstance(error, PermanentFailure) or event.attempts >= event.max_attempts:
+        return Run(event, Outcome.FAILED, error=error)
+    delay = error.after if isinstance(error, Retry) else backoff.delay(event.attempts)
+    return Run(event, Outcome.RETRIED, error=error, retry_in=delay)
+
+
+class _LeaseLost(Exception):  # noqa: N818 - a signal, not an error
+    """The fenced mark matched nothing: roll the handler's writes back."""
+
+
+def _run_in_transaction(registered: Handler, event: OutboxEvent, using: str) -> Run:
+    connection = connections[using]
+    watch = _QueryWatch()
+    with transaction.atomic(using=using):
+        with connection.execute_wrapper(watch):
+            _call(registered, event)
+        if connection.needs_rollback:
+            raise TransactionManagementError(
+                "the handler caught a database error inside transaction.atomic() "
+                "and went on"
+            )
+        if not (watch.queried and statements.wrote_in_transaction(using)):
+            return Run(event, Outcome.COMPLETED)
+        held = [(event.pk, event.lease_token or 0)]
+        if not statements.complete(held, using=using):
+            raise _LeaseLost
+        event.status = Status.COMPLETED
+        busy = ordering.advance([event.key], using) if event.key else set()
+    return Run(event, Outcome.COMPLETED, recorded=True, keys_to_recheck=busy)
+
+
+def _call(registered: Handler, event: OutboxEvent) -> None:
+    if inspect.iscoroutinefunction(registered.function):
+        async_to_sync(registered.function)(event)
+    else:
+        registered.function(event)
+
+
+class _QueryWatch:
+    """An execute wrapper that notes whether the handler ran any query."""
+
+    def __init__(self) -> None:
+        self.queried = False
+
+    def __call__(
+        self, execute: Any, sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        self.queried = True
+        return execute(sql, params, many, context)

@@ -1,0 +1,170 @@
+"""Where handlers run: in the worker's own thread, or in N slot threads.
+
+A worker hands the events it claimed to its slots and later collects the
+finished runs. InlineSlots (concurrency 1, SQLite, drain()) runs each event
+at once in the caller's thread, on the caller's connection: that is what lets
+drain() work inside a test's transaction. ThreadedSlots runs up to N at once,
+one thread per slot, each thread with its own database connection (Django
+gives each thread its own), so a handler's writes and its completed mark
+share the slot's transaction. A handler that hangs holds its slot only.
+
+The worker claims only as many events as slots are free, so a threaded slot
+never queues: every claimed event starts at once.
+"""
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from django.db import connections
+
+from outbox.handling import Outcome, Run
+from outbox.leases import Leases
+from outbox.models import OutboxEvent
+
+logger = logging.getLogger(__name__)
+
+Execute = Callable[[OutboxEvent], Run]
+
+
+class InlineSlots:
+    """One slot: run each event now, in the calling thread."""
+
+    size = 1
+
+    def __init__(
+        self,
+        *,
+        execute: Execute,
+        leases: Leases,
+        using: str,
+        stopping: threading.Event,
+        batch_size: int,
+    ) -> None:
+        self.batch_size = batch_size
+        self._execute = execute
+        self._leases = leases
+        self._using = using
+        self._stopping = stopping
+        self._finished: list[Run] = []
+
+    @property
+    def free(self) -> int:
+        """How many events a claim may take now: a whole batch, run in turn."""
+        return self.batch_size
+
+    @property
+    def in_flight(self) -> int:
+        return 0
+
+    def start(self, events: list[OutboxEvent]) -> None:
+        """Run the events one after another; stopping releases the rest."""
+        for event in events:
+            if self._stopping.is_set():
+                self._finished.append(Run(event, Outcome.RELEASED))
+            elif not self._leases.still_held(event, using=self._using):
+                self._finished.append(Run(event, Outcome.LOST, recorded=True))
+            else:
+                self._finished.append(self._execute(event))
+
+    def collect(self) -> list[Run]:
+        """Return the runs finished since the last call."""
+        finished, self._finished = self._finished, []
+        return finished
+
+    def close(self) -> None:
+        """Nothing to stop: the caller's thread ran everything."""
+
+
+class ThreadedSlots:
+    """Up to size events at once, one thread and one connection per slot."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        execute: Execute,
+        leases: Leases,
+        using: str,
+        on_finish: Callable[[], None],
+    ) -> None:
+        self.size = size
+        self._execute = execute
+        self._leases = leases
+        self._using = using
+        self._on_finish = on_finish
+        self._jobs: queue.SimpleQueue[OutboxEvent | None] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[Run] = queue.SimpleQueue()
+        #: Started and not yet collected; only the worker's thread changes it.
+        self._in_flight = 0
+        self._threads = [
+            threading.Thread(
+                target=self._serve, name=f"outbox-slot-{number}", daemon=True
+            )
+            for number in range(1, size + 1)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def free(self) -> int:
+        return self.size - self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def start(self, events: list[OutboxEvent]) -> None:
+        """Hand each event to a free slot; there is one for each."""
+        if len(events) > self.free:
+            raise RuntimeError(f"{len(events)} events for {self.free} free slots")
+        self._in_flight += len(events)
+        for event in events:
+            self._jobs.put(event)
+
+    def collect(self) -> list[Run]:
+        """Return the runs finished since the last call, without waiting."""
+        finished = []
+        while True:
+            try:
+                finished.append(self._finished.get_nowait())
+            except queue.Empty:
+                break
+        self._in_flight -= len(finished)
+        return finished
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the slot threads once their runs end; each closes its connection."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _serve(self) -> None:
+        try:
+            while (event := self._jobs.get()) is not None:
+                self._finished.put(self._run(event))
+                self._on_finish()
+        finally:
+            connections.close_all()
+
+    def _run(self, event: OutboxEvent) -> Run:
+        connection = connections[self._using]
+        try:
+            if not self._leases.still_held(event, using=self._using):
+                return Run(event, Outcome.LOST, recorded=True)
+            return self._execute(event)
+        except Exception:
+            # A fault of the worker's own, not the handler's (those are
+            # outcomes): leave the event to its lease, keep the slot.
+            logger.exception(
+                "outbox slot failed around event %s; its lease will lapse",
+                event.pk,
+                extra=event.describe(),
+            )
+            return Run(event, Outcome.LOST, recorded=True)
+        finally:
+            # A broken connection, or one past CONN_MAX_AGE, is replaced
+            # before the slot's next event.
+            connection.close_if_unusable_or_obsolete()

@@ -1,0 +1,200 @@
+"""The worker's hot statements, written once from the model's metadata.
+
+A worker runs the same three statements for every batch: the claim, the
+completion of the events whose handlers returned, and the release of events
+it never started. Building them through the ORM for every batch cost more
+than PostgreSQL takes to run them, so they are written here, as plain SQL
+whose table and column names come from OutboxEvent._meta and whose text is
+cached per batch size. Everything else (failures, the heartbeat, the rescue,
+operators' actions) is rare and goes through the ORM.
+
+The claim's locking read stays the ORM's own
+select_for_update(skip_locked=True) query: compiling a QuerySet to SQL is
+not a public API, so tests/outbox/test_statements.py guards it on every
+supported Django version.
+
+Both supported databases run the same statements; only the clock differs.
+The database's clock is used, never the worker's, as for publish().
+"""
+
+import functools
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from django.db import NotSupportedError, connections
+
+from outbox.models import OutboxEvent, Status
+
+#: A claimed event: (id, lease token), the pair every outcome is fenced on.
+Held = tuple[int, int]
+
+_NOW = {
+    "postgresql": "statement_timestamp()",
+    # The text Django's Now() writes on SQLite, so comparisons stay textual.
+    "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')",
+}
+_LATER = {
+    "postgresql": "statement_timestamp() + %s",
+    "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', %s)",
+}
+
+
+@functools.cache
+def _names(using: str) -> dict[str, str]:
+    """Map "table" and each concrete field's name to its quoted SQL name."""
+    quote = connections[using].ops.quote_name
+    names = {
+        field.name: quote(field.column)
+        for field in OutboxEvent._meta.concrete_fields
+        if field.column is not None
+    }
+    return {**names, "table": quote(OutboxEvent._meta.db_table)}
+
+
+def _vendor(using: str) -> str:
+    vendor = connections[using].vendor
+    if vendor not in _NOW:
+        raise NotSupportedError(
+            f"The outbox worker runs on PostgreSQL or SQLite, not {vendor}."
+        )
+    return vendor
+
+
+def _interval(using: str, duration: timedelta) -> Any:
+    if _vendor(using) == "postgresql":
+        return duration
+    return f"+{duration.total_seconds():.3f} seconds"
+
+
+def claim(
+    *, using: str, limit: int, worker_id: str, token: int, lease: timedelta
+) -> list[OutboxEvent]:
+    """Lock up to limit ready events and lease them, in one statement.
+
+    Call inside a transaction. Returns the events as claimed (processing,
+    attempt counted, the token set), oldest first.
+    """
+    sql = _claim_sql(using, limit)
+    params = [
+        *_ready_sql(using, limit)[1],
+        Status.PROCESSING,
+        worker_id,
+        _interval(using, lease),
+        token,
+    ]
+    events = list(OutboxEvent.objects.using(using).raw(sql, params))
+    events.sort(key=lambda event: (event.available_at, event.pk))
+    return events
+
+
+@functools.cache
+def _claim_sql(using: str, limit: int) -> str:
+    n = _names(using)
+    # Every column but the history, read only on failure (and then loaded).
+    returned = ", ".join(
+        name for field, name in n.items() if field not in ("table", "history")
+    )
+    # MATERIALIZED: the locking read runs once, before the UPDATE, whatever
+    # the planner would make of it inlined.
+    return (
+        f"WITH claimed AS MATERIALIZED ({_ready_sql(using, limit)[0]}) "  # noqa: S608
+        f"UPDATE {n['table']} SET {n['status']} = %s, "
+        f"{n['attempts']} = {n['attempts']} + 1, {n['locked_by']} = %s, "
+        f"{n['locked_until']} = {_LATER[_vendor(using)]}, {n['lease_token']} = %s "
+        f"WHERE {n['id']} IN (SELECT * FROM claimed) "
+        f"RETURNING {returned}"
+    )
+
+
+@functools.cache
+def _ready_sql(using: str, limit: int) -> tuple[str, tuple[Any, ...]]:
+    """Compile the ORM's SELECT id ... FOR UPDATE SKIP LOCKED once per limit."""
+    ready = (
+        OutboxEvent.objects.using(using)
+        .ready()
+        .select_for_update(skip_locked=True)
+        .values("pk")[:limit]
+    )
+    # Not a public API (guarded by tests/outbox/test_statements.py); the
+    # compiler refuses FOR UPDATE outside a transaction, so it runs in one.
+    connection = connections[using]
+    if connection.get_autocommit():
+        raise RuntimeError("compile the claim inside a transaction")
+    sql, params = ready.query.get_compiler(using=using).as_sql()
+    return sql, tuple(params)
+
+
+def complete(held: Sequence[Held], *, using: str) -> set[int]:
+    """Mark completed the events still held under these tokens; return their ids."""
+    if not held:
+        return set()
+    sql = _fenced_sql(using, len(held), "complete")
+    return _run_fenced(using, sql, [Status.COMPLETED], held)
+
+
+def release(held: Sequence[Held], *, using: str) -> set[int]:
+    """Give back unstarted events still held, uncharged; return their ids."""
+    if not held:
+        return set()
+    sql = _fenced_sql(using, len(held), "release")
+    return _run_fenced(using, sql, [Status.PENDING, ""], held)
+
+
+def extend(held: Sequence[Held], *, using: str, lease: timedelta) -> set[int]:
+    """Push back the leases of events still held; return their ids."""
+    if not held:
+        return set()
+    sql = _fenced_sql(using, len(held), "extend")
+    return _run_fenced(using, sql, [_interval(using, lease)], held)
+
+
+@functools.cache
+def _fenced_sql(using: str, count: int, change: str) -> str:
+    """An UPDATE of the rows that still carry the claim's token, if processing.
+
+    The fence: a worker whose lease expired, and whose event was rescued and
+    claimed again (even by a worker with the same id), matches nothing.
+    """
+    n = _names(using)
+    assignments = {
+        "complete": f"{n['status']} = %s, {n['completed_at']} = "
+        f"{_NOW[_vendor(using)]}, {n['locked_until']} = NULL",
+        "release": f"{n['status']} = %s, {n['attempts']} = {n['attempts']} - 1, "
+        f"{n['locked_by']} = %s, {n['locked_until']} = NULL",
+        "extend": f"{n['locked_until']} = {_LATER[_vendor(using)]}",
+    }[change]
+    pairs = ", ".join(["(%s, %s)"] * count)
+    # S608: the names come from the model's metadata; values are parameters.
+    return (
+        f"UPDATE {n['table']} SET {assignments} WHERE {n['status']} = %s "  # noqa: S608
+        f"AND ({n['id']}, {n['lease_token']}) IN (VALUES {pairs}) "
+        f"RETURNING {n['id']}"
+    )
+
+
+def _run_fenced(
+    using: str, sql: str, values: list[Any], held: Sequence[Held]
+) -> set[int]:
+    params = [*values, Status.PROCESSING]
+    for pk, token in held:
+        params += (pk, token)
+    with connections[using].cursor() as cursor:
+        cursor.execute(sql, params)
+        return {row[0] for row in cursor.fetchall()}
+
+
+def wrote_in_transaction(using: str) -> bool:
+    """Whether the current transaction has written anything yet.
+
+    A handler that only read needs no commit of its own: its completion is
+    recorded with the batch's. PostgreSQL assigns a transaction id on the
+    first write. On SQLite, where writers queue for one lock anyway, every
+    handler that queried is taken to have written.
+    """
+    connection = connections[using]
+    if _vendor(using) == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
+            return bool(cursor.fetchone()[0])
+    return True
