@@ -1,3 +1,4 @@
+import asyncio
 import time
 
 from benchmarks.models import HandlerStart
@@ -14,3 +15,15 @@ def do_nothing(event: OutboxEvent) -> None:
 def record_start(event: OutboxEvent) -> None:
     """Record when the handler started (wall clock, same machine)."""
     HandlerStart.objects.create(event_uuid=event.uuid, started_at=time.time())
+
+
+@handler("benchmark.io")
+def wait_on_io(event: OutboxEvent) -> None:
+    """Wait 20 ms, as an SMTP send or an HTTP call would, touching no table."""
+    time.sleep(0.020)
+
+
+@handler("benchmark.io_async")
+async def wait_on_io_async(event: OutboxEvent) -> None:
+    """benchmark.io as a coroutine: asyncio.sleep instead of time.sleep."""
+    await asyncio.sleep(0.020)

@@ -54,6 +54,12 @@ def parse_arguments() -> argparse.Namespace:
         "--batch-size", type=int, default=32, help="(default: %(default)r)"
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--only",
+        metavar="WORKLOAD",
+        action="append",
+        help="run only this workload (repeatable), and check no targets",
+    )
     return parser.parse_args()
 
 
@@ -76,12 +82,21 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
     quick = options.quick
     batch = options.batch_size
     drain_events = 2_000 if quick else 20_000
+    io_events = 400 if quick else 2_000
     plan: list[tuple[str, Callable[[], Any]]] = [
         ("ceiling", lambda: w.ceiling(drain_events, batch, database_url)),
         ("publish", lambda: w.publish_rates(1_000 if quick else 5_000)),
         ("drain-1", lambda: w.drain(drain_events, batch, 1)),
         ("drain-4", lambda: w.drain(drain_events, batch, 4)),
-        ("latency", lambda: w.latency(50 if quick else 1_000)),
+        ("latency", lambda: w.latency(50 if quick else 1_000, database_url)),
+        (
+            "latency-raw",
+            lambda: w.latency(50 if quick else 1_000, database_url, raw=True),
+        ),
+        ("io-1", lambda: w.io(io_events, 1)),
+        ("io-16", lambda: w.io(io_events, 16)),
+        ("io-64", lambda: w.io(io_events, 64)),
+        ("io-16-async", lambda: w.io(io_events, 16, event_type="benchmark.io_async")),
         ("scale-0", lambda: w.claim_time(0, batch)),
         ("scale-1m", lambda: w.claim_time(10_000 if quick else 1_000_000, batch)),
         (
@@ -89,6 +104,8 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
             lambda: w.memory(10_000 if quick else 100_000, 1_000 if quick else 10_000),
         ),
     ]
+    if options.only:
+        plan = [(key, workload) for key, workload in plan if key in options.only]
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     for key, workload in plan:
         for _ in range(RUNS):
@@ -108,7 +125,7 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
             "quick": quick,
         },
         "runs": runs,
-        "targets": targets(runs),
+        "targets": [] if options.only else targets(runs),
     }
 
 
@@ -133,7 +150,16 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
     scale_0 = best(runs, "scale-0", by="median_ms")["notes"]["median_ms"]
     scale_1m = best(runs, "scale-1m", by="median_ms")["notes"]["median_ms"]
     memory = best(runs, "memory", by="growth_mb")["notes"]["growth_mb"]
+    raw_p50 = best(runs, "latency-raw", by="p50_ms")["notes"]["p50_ms"]
+    io_1, io_16, io_64 = (best(runs, f"io-{n}") for n in (1, 16, 64))
+    rss_64_vs_1 = io_64["notes"]["peak_rss_mb"] / io_1["notes"]["peak_rss_mb"]
     return [
+        check("io, concurrency 16 >= 90 % of 800/s", io_16["rate"] / 800, ">=", 0.9),
+        check(
+            "io, concurrency 64 >= 75 % of 3,200/s", io_64["rate"] / 3200, ">=", 0.75
+        ),
+        check("io peak RSS, concurrency 64 <= 1.5 x 1", rss_64_vs_1, "<=", 1.5),
+        check("latency p50 <= 1.3 x a raw psycopg worker", p50 / raw_p50, "<=", 1.3),
         check("drain-1 >= 60 % of the ceiling", drain_1 / ceiling, ">=", 0.6),
         check("drain-4 >= 1.5 x drain-1", drain_4 / drain_1, ">=", 1.5),
         check("latency p50 <= 2 ms", p50, "<=", 2.0),

@@ -218,13 +218,78 @@ def drain(events: int, batch_size: int, processes: int) -> Measurement:
     )
 
 
+# --- io ---------------------------------------------------------------------
+
+
+def io(
+    events: int, concurrency: int, *, event_type: str = "benchmark.io"
+) -> Measurement:
+    """Drain handlers that wait 20 ms with one worker process at a concurrency.
+
+    The rate from 10 % to 90 %, its share of the limit (concurrency handlers
+    at once, 20 ms each), the worker's peak RSS and the most database
+    connections it held at once.
+    """
+    reset()
+    fill(events, event_type)
+    before = backends()
+    worker = start_worker("--drain", "--concurrency", str(concurrency))
+    marks: dict[float, float] = {}
+    peak_rss, connections = 0.0, 0
+    while len(marks) < 2:
+        done = 1 - not_completed() / events
+        for mark in (0.1, 0.9):
+            if done >= mark and mark not in marks:
+                marks[mark] = time.perf_counter()
+        peak_rss = max(peak_rss, _peak_rss_mb(worker.pid) or 0.0)
+        connections = max(connections, backends() - before)
+        time.sleep(0.005)
+    if worker.wait(timeout=300):
+        raise RuntimeError("a benchmark worker failed")
+    seconds = marks[0.9] - marks[0.1]
+    rate = events * 0.8 / seconds
+    kind = ", async def" if event_type.endswith("async") else ""
+    return Measurement(
+        f"io 20 ms, 1 process, concurrency {concurrency}{kind}",
+        int(events * 0.8),
+        seconds,
+        {
+            "share_of_limit": rate / (concurrency / 0.020),
+            "peak_rss_mb": peak_rss,
+            "connections": connections,
+        },
+    )
+
+
+def backends() -> int:
+    """Return the sessions on this database, other than this one."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return int(cursor.fetchone()[0])
+
+
 # --- latency ------------------------------------------------------------------
 
 
-def latency(events: int) -> Measurement:
-    """Commit to handler start, events 10 ms apart, one idle worker."""
+def latency(events: int, database_url: str, *, raw: bool = False) -> Measurement:
+    """Commit to handler start, events 10 ms apart, one idle worker.
+
+    raw: the same with benchmarks/raw_worker.py, the floor a worker that
+    claims in one short transaction and then starts the handler can reach.
+    """
     reset()
-    worker = start_worker()
+    if raw:
+        worker = subprocess.Popen(  # noqa: S603 - our own interpreter and script
+            [sys.executable, str(ROOT / "benchmarks" / "raw_worker.py"), database_url],
+            stdout=subprocess.PIPE,
+        )
+        assert worker.stdout is not None  # noqa: S101 - piped above
+        worker.stdout.readline()  # "raw worker listening"
+    else:
+        worker = start_worker()
     time.sleep(2)  # started and idle, waiting with the default poll interval
     committed: dict[str, float] = {}
     started = time.perf_counter()
@@ -250,7 +315,7 @@ def latency(events: int) -> Measurement:
     )
     cuts = statistics.quantiles(latencies, n=100)
     return Measurement(
-        "latency, commit to handler start",
+        "latency, commit to handler start" + (", raw psycopg worker" if raw else ""),
         len(latencies),
         time.perf_counter() - started,
         {

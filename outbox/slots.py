@@ -8,8 +8,10 @@ one thread per slot, each thread with its own database connection (Django
 gives each thread its own), so a handler's writes and its completed mark
 share the slot's transaction. A handler that hangs holds its slot only.
 
-The worker claims only as many events as slots are free, so a threaded slot
-never queues: every claimed event starts at once.
+Threaded slots keep up to N claimed events queued beside the N running, so
+a slot that finishes starts its next event at once instead of waiting for
+the worker's next claim. Queued events are held under lease like running
+ones, and given back uncharged (RELEASED) when the worker stops.
 """
 
 import logging
@@ -58,6 +60,8 @@ class InlineSlots:
     def in_flight(self) -> int:
         return 0
 
+    queued = 0
+
     def start(self, events: list[OutboxEvent]) -> None:
         """Run the events one after another; stopping releases the rest."""
         for event in events:
@@ -72,6 +76,9 @@ class InlineSlots:
         """Return the runs finished since the last call."""
         finished, self._finished = self._finished, []
         return finished
+
+    def release_queued(self) -> None:
+        """Nothing is queued: start() runs or releases every event it gets."""
 
     def close(self) -> None:
         """Nothing to stop: the caller's thread ran everything."""
@@ -96,8 +103,11 @@ class ThreadedSlots:
         self._on_finish = on_finish
         self._jobs: queue.SimpleQueue[OutboxEvent | None] = queue.SimpleQueue()
         self._finished: queue.SimpleQueue[Run] = queue.SimpleQueue()
-        #: Started and not yet collected; only the worker's thread changes it.
+        #: Handed to the slots and not yet collected; only the worker's thread
+        #: changes it.
         self._in_flight = 0
+        #: Claimed events queued for a slot, beyond those running.
+        self.queue_limit = size
         self._threads = [
             threading.Thread(
                 target=self._serve, name=f"outbox-slot-{number}", daemon=True
@@ -109,19 +119,37 @@ class ThreadedSlots:
 
     @property
     def free(self) -> int:
-        return self.size - self._in_flight
+        """How many more events the slots take now, running or queued."""
+        return self.size + self.queue_limit - self._in_flight
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def queued(self) -> int:
+        """How many claimed events wait for a slot: all slots are busy."""
+        return self._jobs.qsize()
+
     def start(self, events: list[OutboxEvent]) -> None:
-        """Hand each event to a free slot; there is one for each."""
+        """Queue each event for the next free slot."""
         if len(events) > self.free:
-            raise RuntimeError(f"{len(events)} events for {self.free} free slots")
+            raise RuntimeError(f"{len(events)} events for {self.free} free places")
         self._in_flight += len(events)
         for event in events:
             self._jobs.put(event)
+
+    def release_queued(self) -> None:
+        """Take back the queued events no slot has started: stopping."""
+        while True:
+            try:
+                event = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if event is None:  # close() ran first; keep its sentinel
+                self._jobs.put(None)
+                return
+            self._finished.put(Run(event, Outcome.RELEASED))
 
     def collect(self) -> list[Run]:
         """Return the runs finished since the last call, without waiting."""

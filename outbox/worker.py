@@ -40,6 +40,9 @@ from outbox.slots import InlineSlots, ThreadedSlots
 
 logger = logging.getLogger(__name__)
 
+#: Pause between turns while every slot has an event queued: a turn (one
+#: commit) then records several outcomes instead of one.
+COALESCE_SECONDS = 0.002
 #: Longest pause after a turn that raised (the database is down, say).
 ERROR_BACKOFF_CAP_SECONDS = 5.0
 
@@ -135,6 +138,8 @@ class Worker:
         try:
             while True:
                 try:
+                    if self.stop_requested.is_set():
+                        slots.release_queued()
                     finished += slots.collect()
                     room = self._room(slots.free, max_events, total)
                     batch, result = self._turn(finished, room)
@@ -161,6 +166,10 @@ class Worker:
                 self._refresh_connection()
                 slots.start(batch.events)
                 if batch or result.finished:
+                    if slots.queued:
+                        # Every slot is busy and has its next event: let a
+                        # few more finish, so a turn records many at once.
+                        time.sleep(COALESCE_SECONDS)
                     continue
                 if slots.in_flight:
                     wakeup.wait(poll)  # a slot's end interrupts it

@@ -30,10 +30,15 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "drain-1",
         "drain-4",
         "latency",
+        "latency-raw",
+        "io-1",
+        "io-16",
+        "io-64",
+        "io-16-async",
         "scale-0",
         "scale-1m",
         "memory",
     }
     assert all(len(runs) == 2 for runs in report["runs"].values())
-    assert len(report["targets"]) == 9
+    assert len(report["targets"]) == 13
     assert "drain-1 >= 60 % of the ceiling" in result.stdout

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError, call_command
+from django.db import connection
 from django.test import override_settings
 
 from outbox.checks import check_outbox_settings
@@ -93,3 +95,40 @@ def test_manage_py_check__fails_naming_the_variable() -> None:
     assert result.returncode != 0
     assert "outbox.E002" in result.stderr
     assert "OUTBOX_POLL_MS" in result.stderr
+
+
+def test_concurrency__defaults_to_one() -> None:
+    with override_settings(OUTBOX={}):
+        assert get_settings().concurrency == 1
+
+
+def test_check__rejects_a_concurrency_that_is_not_a_positive_integer() -> None:
+    with override_settings(OUTBOX={"CONCURRENCY": "0"}):
+        [error] = check_outbox_settings()
+
+    assert "OUTBOX['CONCURRENCY']" in error.msg
+    assert "OUTBOX_CONCURRENCY" in error.msg
+
+
+@pytest.mark.sqlite
+def test_check__refuses_concurrency_above_one_on_sqlite_only() -> None:
+    """Both suites run this: SQLite refuses, PostgreSQL accepts."""
+    with override_settings(OUTBOX={"CONCURRENCY": "4"}):
+        errors = check_outbox_settings()
+
+    if connection.vendor == "sqlite":
+        [error] = errors
+        assert error.id == "outbox.E003"
+        assert "OUTBOX['CONCURRENCY']" in error.msg
+        assert "OUTBOX_CONCURRENCY" in error.msg
+    else:
+        assert errors == []
+
+
+@pytest.mark.sqlite
+def test_command__refuses_concurrency_above_one_on_sqlite(monkeypatch) -> None:
+    """The command checks the database it will run on, whatever the settings say."""
+    monkeypatch.setattr(connection, "vendor", "sqlite")
+
+    with pytest.raises(CommandError, match="--concurrency 2 needs PostgreSQL"):
+        call_command("run_outbox_worker", "--concurrency", "2", "--drain")

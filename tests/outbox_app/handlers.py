@@ -4,8 +4,11 @@ The worker tests run real `run_outbox_worker` processes, which find these
 through the same discovery as any project's handlers.
 """
 
+import asyncio
 import time
 from pathlib import Path
+
+from django.db import connection
 
 from outbox import handler
 from outbox.models import OutboxEvent
@@ -53,3 +56,37 @@ def log_then_record(event: OutboxEvent) -> None:
             time.sleep(0.01)
     time.sleep(payload.get("seconds", 0))
     HandlerRun.objects.create(event_uuid=event.uuid, worker=event.locked_by)
+
+
+@handler("outbox_testapp.span")
+def log_span_then_record(event: OutboxEvent) -> None:
+    """Log "start <uuid> <time>" and "end <uuid> <time>" to payload['log'] around
+    the work: wait for payload['wait_for_file'], sleep payload['seconds'], then
+    write a HandlerRun row. On its first attempt with payload['kill_connection'],
+    terminate its own database session first, as a database restart would."""
+    payload = event.payload
+    _append(payload["log"], f"start {event.uuid} {time.time()!r}")
+    if payload.get("kill_connection") and event.attempts == 1:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    if gate := payload.get("wait_for_file"):
+        while not Path(gate).exists():
+            time.sleep(0.01)
+    time.sleep(payload.get("seconds", 0))
+    HandlerRun.objects.create(event_uuid=event.uuid, worker=event.locked_by)
+    _append(payload["log"], f"end {event.uuid} {time.time()!r}")
+
+
+@handler("outbox_testapp.async_span")
+async def log_span_then_record_async(event: OutboxEvent) -> None:
+    """log_span_then_record's twin as a coroutine: asyncio.sleep, acreate()."""
+    payload = event.payload
+    _append(payload["log"], f"start {event.uuid} {time.time()!r}")
+    await asyncio.sleep(payload.get("seconds", 0))
+    await HandlerRun.objects.acreate(event_uuid=event.uuid, worker=event.locked_by)
+    _append(payload["log"], f"end {event.uuid} {time.time()!r}")
+
+
+def _append(path: str, line: str) -> None:
+    with Path(path).open("a") as log:
+        log.write(line + "\n")
