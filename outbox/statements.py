@@ -34,6 +34,13 @@ _NOW = {
     # The text Django's Now() writes on SQLite, so comparisons stay textual.
     "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')",
 }
+#: The claimed ids, as the UPDATE looks them up. On PostgreSQL an array, so
+#: the plan is an index scan of the primary key whatever the statistics say:
+#: with IN (SELECT ...) it may hash the CTE and scan the whole table.
+_CLAIMED_IDS = {
+    "postgresql": "= ANY(ARRAY(SELECT * FROM claimed))",
+    "sqlite": "IN (SELECT * FROM claimed)",
+}
 _LATER = {
     "postgresql": "statement_timestamp() + %s",
     "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW', %s)",
@@ -102,7 +109,7 @@ def _claim_sql(using: str, limit: int) -> str:
         f"UPDATE {n['table']} SET {n['status']} = %s, "
         f"{n['attempts']} = {n['attempts']} + 1, {n['locked_by']} = %s, "
         f"{n['locked_until']} = {_LATER[_vendor(using)]}, {n['lease_token']} = %s "
-        f"WHERE {n['id']} IN (SELECT * FROM claimed) "
+        f"WHERE {n['id']} {_CLAIMED_IDS[_vendor(using)]} "
         f"RETURNING {returned}"
     )
 
