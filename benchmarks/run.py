@@ -103,6 +103,12 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
             "memory",
             lambda: w.memory(10_000 if quick else 100_000, 1_000 if quick else 10_000),
         ),
+        (
+            "memory-16",
+            lambda: w.memory(
+                10_000 if quick else 100_000, 1_000 if quick else 10_000, 16
+            ),
+        ),
     ]
     if options.only:
         plan = [(key, workload) for key, workload in plan if key in options.only]
@@ -150,6 +156,7 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
     scale_0 = best(runs, "scale-0", by="median_ms")["notes"]["median_ms"]
     scale_1m = best(runs, "scale-1m", by="median_ms")["notes"]["median_ms"]
     memory = best(runs, "memory", by="growth_mb")["notes"]["growth_mb"]
+    memory_16 = best(runs, "memory-16", by="growth_mb")["notes"]["growth_mb"]
     raw_p50 = best(runs, "latency-raw", by="p50_ms")["notes"]["p50_ms"]
     io_1, io_16, io_64 = (best(runs, f"io-{n}") for n in (1, 16, 64))
     rss_64_vs_1 = io_64["notes"]["peak_rss_mb"] / io_1["notes"]["peak_rss_mb"]
@@ -169,6 +176,7 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
         check("publish_many() >= 20,000 events/s", publish_many, ">=", 20_000),
         check("claim with 1 M completed <= 1.2 x empty", scale_1m / scale_0, "<=", 1.2),
         check("RSS growth 10 k -> 100 k <= 10 MB", memory, "<=", 10.0),
+        check("RSS growth at concurrency 16 <= 10 MB", memory_16, "<=", 10.0),
     ]
 
 

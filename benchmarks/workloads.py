@@ -376,11 +376,11 @@ def claim_time(completed_rows: int, batch_size: int) -> Measurement:
 # --- memory -----------------------------------------------------------------
 
 
-def memory(events: int, early: int) -> Measurement:
+def memory(events: int, early: int, concurrency: int = 1) -> Measurement:
     """Peak RSS of one worker after `early` events and after all of them."""
     reset()
     fill(events)
-    worker = start_worker("--drain")
+    worker = start_worker("--drain", "--concurrency", str(concurrency))
     peaks: dict[str, float] = {}
     started = time.perf_counter()
     while worker.poll() is None:
@@ -392,7 +392,8 @@ def memory(events: int, early: int) -> Measurement:
             peaks["last"] = peak
         time.sleep(0.02)
     return Measurement(
-        f"memory, worker peak RSS, {early:,} then {events:,} events",
+        f"memory, worker peak RSS, {early:,} then {events:,} events, "
+        f"concurrency {concurrency}",
         events,
         time.perf_counter() - started,
         {

@@ -171,21 +171,43 @@ def _fenced_sql(using: str, count: int, change: str) -> str:
         f"{n['locked_by']} = %s, {n['locked_until']} = NULL",
         "extend": f"{n['locked_until']} = {_LATER[_vendor(using)]}",
     }[change]
-    pairs = ", ".join(["(%s, %s)"] * count)
     # S608: the names come from the model's metadata; values are parameters.
     return (
-        f"UPDATE {n['table']} SET {assignments} WHERE {n['status']} = %s "  # noqa: S608
-        f"AND ({n['id']}, {n['lease_token']}) IN (VALUES {pairs}) "
-        f"RETURNING {n['id']}"
+        f"UPDATE {n['table']} SET {assignments} WHERE {_held_rows(using, count)} "  # noqa: S608
+        f"AND {n['status']} = %s RETURNING {n['id']}"
+    )
+
+
+def _held_rows(using: str, count: int) -> str:
+    """Match the rows of these (id, token) pairs, looked up by primary key.
+
+    The ids come first, as a list the primary key's index looks up (the
+    pairs alone may be planned as a scan of the whole table); then the exact
+    pairs, the fence. PostgreSQL takes each list as one array parameter.
+    """
+    n = _names(using)
+    if _vendor(using) == "postgresql":
+        pair = f"({n['id']}, {n['lease_token']})"
+        unnest = "(SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
+        return f"{n['id']} = ANY(%s::bigint[]) AND {pair} IN {unnest}"
+    ids = ", ".join(["%s"] * count)
+    pairs = ", ".join(["(%s, %s)"] * count)
+    return (
+        f"{n['id']} IN ({ids}) AND ({n['id']}, {n['lease_token']}) IN (VALUES {pairs})"
     )
 
 
 def _run_fenced(
     using: str, sql: str, values: list[Any], held: Sequence[Held]
 ) -> set[int]:
-    params = [*values, Status.PROCESSING]
-    for pk, token in held:
-        params += (pk, token)
+    ids = [pk for pk, _ in held]
+    if _vendor(using) == "postgresql":
+        params = [*values, ids, ids, [token for _, token in held]]
+    else:
+        params = [*values, *ids]
+        for pk, token in held:
+            params += (pk, token)
+    params.append(Status.PROCESSING)
     with connections[using].cursor() as cursor:
         cursor.execute(sql, params)
         return {row[0] for row in cursor.fetchall()}

@@ -38,7 +38,8 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "scale-0",
         "scale-1m",
         "memory",
+        "memory-16",
     }
     assert all(len(runs) == 2 for runs in report["runs"].values())
-    assert len(report["targets"]) == 13
+    assert len(report["targets"]) == 14
     assert "drain-1 >= 60 % of the ceiling" in result.stdout
