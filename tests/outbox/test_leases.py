@@ -196,6 +196,31 @@ def database_now():
         return cursor.fetchone()[0]
 
 
+def test_rescue__and_a_late_heartbeat_never_both_keep_an_expired_lease():
+    """The rescue reads an expired lease; the stalled worker's heartbeat resumes.
+
+    The rescue's row lock settles it: the heartbeat skips the row the rescue
+    holds. Without it, the heartbeat extends the lease, the rescue retries
+    the event all the same, and the worker goes on believing it holds it.
+    """
+    publish("effect", {})
+    stalled = Worker(worker_id="stalled")
+    [event] = stalled.claim()
+    expire_leases(event)
+    extended: list[int] = []
+
+    def heartbeat_after_the_read(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if not extended and sql.lstrip().upper().startswith("SELECT"):
+            extended.append(InThread(stalled.leases.extend).join())
+        return result
+
+    with connection.execute_wrapper(heartbeat_after_the_read):
+        rescued = Worker(worker_id="rival").rescue_expired()
+
+    assert (rescued, extended) == (1, [0])
+
+
 def test_dead_workers_events__are_claimed_again_once_the_lease_expires(
     register_handler, fast_outbox
 ):
