@@ -14,7 +14,7 @@ TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 $(BIN)/.installed: pyproject.toml
 	"$$(scripts/find-python)" -m venv "$(VENV)"
 	"$(BIN)/python" -m pip install --quiet --upgrade pip
-	"$(BIN)/python" -m pip install --quiet --editable '.[dev]'
+	"$(BIN)/python" -m pip install --quiet --editable '.[dev,bench]'
 	touch "$@"
 
 ## demo: on the embedded SQLite database, create a demo organization, invite a

@@ -21,6 +21,7 @@ transaction. A slot is busy while an async handler awaits, as for a
 blocking one.
 """
 
+import asyncio
 import enum
 import inspect
 import logging
@@ -81,8 +82,12 @@ class Run:
 
     event: OutboxEvent
     outcome: Outcome
-    #: Whether the run's own transaction already wrote the outcome.
+    #: Whether nothing is left to write: the run's own transaction wrote its
+    #: completion, or its lease was lost (someone else owns the event).
     recorded: bool = False
+    #: Whether the attempt's error is already in event.history (a turn that
+    #: failed after writing it retries without adding it twice).
+    error_kept: bool = False
     error: BaseException | None = None
     #: For RETRIED: how long until the next attempt.
     retry_in: timedelta | None = None
@@ -99,7 +104,8 @@ def run_event(event: OutboxEvent, *, using: str, backoff: Backoff) -> Run:
         return _run_in_transaction(registered, event, using)
     except _LeaseLost:
         return Run(event, Outcome.LOST, recorded=True)
-    except Exception as error:
+    except (Exception, asyncio.CancelledError) as error:
+        # CancelledError: an async handler's task was cancelled; a failure.
         return failed_run(event, error, backoff)
 
 

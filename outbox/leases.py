@@ -45,10 +45,16 @@ class Leases:
                 self._held[event.pk] = (event.lease_token or 0, now)
 
     def drop(self, events: Iterable[OutboxEvent]) -> None:
-        """Stop keeping these events' leases: written, released or lost."""
+        """Stop keeping these events' leases: written, released or lost.
+
+        Only under the claim each run came from: a stale run of an event this
+        worker claimed again must not drop the new claim's lease.
+        """
         with self._lock:
             for event in events:
-                self._held.pop(event.pk, None)
+                held = self._held.get(event.pk)
+                if held is not None and held[0] == (event.lease_token or 0):
+                    del self._held[event.pk]
 
     def still_held(self, event: OutboxEvent, *, using: str) -> bool:
         """Whether the event's lease is surely still this worker's.
@@ -60,6 +66,8 @@ class Leases:
         """
         with self._lock:
             token, confirmed = self._held.get(event.pk, (0, 0.0))
+        if token != (event.lease_token or 0):
+            return False  # a stale copy: this worker claimed the event again
         trusted_for = self.duration.total_seconds() * TRUST_SHARE
         if time.monotonic() - confirmed < trusted_for:
             return True

@@ -102,13 +102,16 @@ def write_failure(run: Run, *, worker_id: str) -> Outcome:
     """Keep a failed attempt's error and write its retry or its end, fenced."""
     event, error = run.event, run.error
     assert error is not None  # noqa: S101 - a failed run carries its error
-    event.record_attempt_error(worker=event.locked_by or worker_id, error=error)
+    if not run.error_kept:
+        event.record_attempt_error(worker=event.locked_by or worker_id, error=error)
+        run.error_kept = True
     if run.outcome is Outcome.RETRIED and run.retry_in is not None:
         written = event.schedule_retry(delay=run.retry_in)
     else:
         written = event.fail()
     if not written:
         _log_lost(run, worker_id)
+        run.recorded = True  # nothing to write, should the turn be retried
         return Outcome.LOST
     outcome = run.outcome
     log = logger.error if outcome is Outcome.FAILED else logger.warning
@@ -141,6 +144,7 @@ def _held(runs: list[Run]) -> list[statements.Held]:
 def _kept(run: Run, written: bool, status: str) -> Outcome:
     if not written:
         _log_lost(run, run.event.locked_by)
+        run.recorded = True  # nothing to write, should the turn be retried
         return Outcome.LOST
     run.event.status = status
     return run.outcome

@@ -66,6 +66,7 @@ class Runner:
         self.heartbeat = Heartbeat(worker)
         self.total = BatchResult()
         self._stopping = threading.Event()
+        self._shutdown_timer: threading.Timer | None = None
 
     def run(self) -> int:
         """Loop until stopped, drained or max_events; return the exit status."""
@@ -87,6 +88,8 @@ class Runner:
                 self.heartbeat.unregister()
                 self.waiter.close()
                 connections.close_all()
+                if self._shutdown_timer is not None:
+                    self._shutdown_timer.cancel()  # stopped in time
         logger.info(
             "outbox worker stopped cleanly: claimed=%d completed=%d retried=%d "
             "failed=%d released=%d",
@@ -157,9 +160,11 @@ class Runner:
             name,
         )
         self.stop()
-        timer = threading.Timer(self.options.shutdown_timeout, self._shutdown_timed_out)
-        timer.daemon = True
-        timer.start()
+        self._shutdown_timer = threading.Timer(
+            self.options.shutdown_timeout, self._shutdown_timed_out
+        )
+        self._shutdown_timer.daemon = True
+        self._shutdown_timer.start()
 
     def _shutdown_timed_out(self) -> None:
         logger.error(

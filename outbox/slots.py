@@ -19,7 +19,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from outbox.handling import Outcome, Run
 from outbox.leases import Leases
@@ -65,12 +65,15 @@ class InlineSlots:
     def start(self, events: list[OutboxEvent]) -> None:
         """Run the events one after another; stopping releases the rest."""
         for event in events:
-            if self._stopping.is_set():
-                self._finished.append(Run(event, Outcome.RELEASED))
-            elif not self._leases.still_held(event, using=self._using):
-                self._finished.append(Run(event, Outcome.LOST, recorded=True))
-            else:
-                self._finished.append(self._execute(event))
+            self._finished.append(
+                start_one(
+                    event,
+                    execute=self._execute,
+                    leases=self._leases,
+                    using=self._using,
+                    stopping=self._stopping,
+                )
+            )
 
     def collect(self) -> list[Run]:
         """Return the runs finished since the last call."""
@@ -94,9 +97,11 @@ class ThreadedSlots:
         execute: Execute,
         leases: Leases,
         using: str,
+        stopping: threading.Event,
         on_finish: Callable[[], None],
     ) -> None:
         self.size = size
+        self._stopping = stopping
         self._execute = execute
         self._leases = leases
         self._using = using
@@ -178,12 +183,15 @@ class ThreadedSlots:
             connections.close_all()
 
     def _run(self, event: OutboxEvent) -> Run:
-        connection = connections[self._using]
         try:
-            if not self._leases.still_held(event, using=self._using):
-                return Run(event, Outcome.LOST, recorded=True)
-            return self._execute(event)
-        except Exception:
+            return start_one(
+                event,
+                execute=self._execute,
+                leases=self._leases,
+                using=self._using,
+                stopping=self._stopping,
+            )
+        except BaseException:
             # A fault of the worker's own, not the handler's (those are
             # outcomes): leave the event to its lease, keep the slot.
             logger.exception(
@@ -195,4 +203,31 @@ class ThreadedSlots:
         finally:
             # A broken connection, or one past CONN_MAX_AGE, is replaced
             # before the slot's next event.
-            connection.close_if_unusable_or_obsolete()
+            connections[self._using].close_if_unusable_or_obsolete()
+
+
+def start_one(
+    event: OutboxEvent,
+    *,
+    execute: Execute,
+    leases: Leases,
+    using: str,
+    stopping: threading.Event,
+) -> Run:
+    """Run one claimed event, unless stopping or its lease may be gone."""
+    if stopping.is_set():
+        return Run(event, Outcome.RELEASED)
+    try:
+        held = leases.still_held(event, using=using)
+    except DatabaseError as error:
+        # Not started, so given back uncharged by the worker's next turn.
+        logger.warning(
+            "outbox could not confirm the lease of event %s (%s); releasing it",
+            event.pk,
+            type(error).__name__,
+            extra=event.describe(),
+        )
+        return Run(event, Outcome.RELEASED)
+    if not held:
+        return Run(event, Outcome.LOST, recorded=True)
+    return execute(event)

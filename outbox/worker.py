@@ -4,8 +4,8 @@ Worker.run() is the one loop, shared by run_outbox_worker (through
 runner.Runner, which adds signals, the heartbeat and LISTEN/NOTIFY) and by
 outbox.testing.drain(). Each turn of it:
 
-1. runs the maintenance chores that are due (maintenance.py);
-2. collects the runs its slots finished (slots.py, handling.py);
+1. collects the runs its slots finished (slots.py, handling.py);
+2. runs the maintenance chores that are due (maintenance.py);
 3. in one short transaction, records their outcomes (recording.py) and
    claims as many ready events as slots are free
    (OutboxEvent.objects.claim()): one commit per turn, however many events;
@@ -179,6 +179,7 @@ class Worker:
                 logger.debug("outbox idle: waiting up to %d ms", poll * 1000)
                 wakeup.wait(poll)
         finally:
+            slots.release_queued()  # raised out: no slot starts them now
             slots.close()
 
     def _open_slots(self, on_finish: Callable[[], None]) -> InlineSlots | ThreadedSlots:
@@ -189,6 +190,7 @@ class Worker:
             execute=partial(run_event, using=self.using, backoff=self.backoff),
             leases=self.leases,
             using=self.using,
+            stopping=self.stop_requested,
             on_finish=on_finish,
         )
 

@@ -456,3 +456,19 @@ def test_heartbeat__refreshes_the_workers_last_seen_at(fast_outbox):
             ).exists(),
             timeout=5,
         )
+
+
+def test_leases__a_stale_copy_neither_passes_nor_drops_the_new_claims_lease():
+    """The worker stalled past its lease, the event was rescued, and the same
+    worker claimed it again: its old queued copy must not run, and dropping
+    it must keep the lease of the run under the new claim."""
+    publish("effect", {})
+    worker = Worker(worker_id="w")
+    [stale] = worker.claim()
+    assert rescue(stale) == 1
+    [fresh] = worker.claim()
+
+    assert not worker.leases.still_held(stale, using="default")
+    worker.leases.drop([stale])
+    assert len(worker.leases) == 1
+    assert worker.leases.still_held(fresh, using="default")

@@ -7,6 +7,7 @@ make test-compat) and fail if that stops giving the ORM's own SQL.
 """
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.db import connection, transaction
@@ -34,7 +35,7 @@ def test_ready_sql__is_the_orms_locking_read() -> None:
     assert ids == expected
 
 
-def _rows(sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+def _rows(sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
