@@ -460,8 +460,12 @@ def test_sqlite__two_workers_on_one_file_handle_every_event_once(workers, tmp_pa
         runs = database.execute(
             "SELECT count(*), count(DISTINCT event_uuid) FROM outbox_testapp_handlerrun"
         ).fetchone()
+        attempts = database.execute(
+            "SELECT max(attempts) FROM outbox_outboxevent"
+        ).fetchone()[0]
     assert [worker.stop() for worker in workers] == [0, 0]
     assert runs == (SQLITE_EVENTS, SQLITE_EVENTS)  # once each
+    assert attempts == 1  # no handler failed on a lock
     output = workers[0].output + workers[1].output
     assert "tick failed" not in output
     assert "locked" not in output

@@ -55,6 +55,9 @@ def log_then_record(event: OutboxEvent) -> None:
         while not Path(gate).exists():
             time.sleep(0.01)
     time.sleep(payload.get("seconds", 0))
+    # Read, then write, as most handlers do: on SQLite that is what needs
+    # IMMEDIATE transactions (a deferred one fails to upgrade its lock).
+    HandlerRun.objects.filter(event_uuid=event.uuid).exists()
     HandlerRun.objects.create(event_uuid=event.uuid, worker=event.locked_by)
 
 
