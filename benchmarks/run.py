@@ -5,8 +5,8 @@
 Creates a database of its own on the server of BENCHMARK_DATABASE_URL
 (default: postgres://postgres@127.0.0.1:5432/postgres), runs every workload
 twice (once with --quick), prints a table and drops the database. Commits are
-durable: the
-server's synchronous_commit is left as it is (on by default) and checked.
+durable: the server's synchronous_commit is left as it is (on by default) and
+checked. --only NAME runs chosen workloads and checks no target.
 """
 
 import argparse
