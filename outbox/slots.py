@@ -111,8 +111,6 @@ class ThreadedSlots:
         #: Handed to the slots and not yet collected; only the worker's thread
         #: changes it.
         self._in_flight = 0
-        #: Claimed events queued for a slot, beyond those running.
-        self.queue_limit = size
         self._threads = [
             threading.Thread(
                 target=self._serve, name=f"outbox-slot-{number}", daemon=True
@@ -124,8 +122,9 @@ class ThreadedSlots:
 
     @property
     def free(self) -> int:
-        """How many more events the slots take now, running or queued."""
-        return self.size + self.queue_limit - self._in_flight
+        """How many more events the slots take now: one running and one
+        queued per slot."""
+        return 2 * self.size - self._in_flight
 
     @property
     def in_flight(self) -> int:
@@ -167,12 +166,12 @@ class ThreadedSlots:
         self._in_flight -= len(finished)
         return finished
 
-    def close(self, timeout: float | None = None) -> None:
+    def close(self) -> None:
         """Stop the slot threads once their runs end; each closes its connection."""
         for _ in self._threads:
             self._jobs.put(None)
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join()
 
     def _serve(self) -> None:
         try:
