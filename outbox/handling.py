@@ -23,14 +23,11 @@ blocking one.
 
 import asyncio
 import enum
-import inspect
 import logging
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
 
-from asgiref.sync import async_to_sync
 from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
 
@@ -123,16 +120,15 @@ class _LeaseLost(Exception):  # noqa: N818 - a signal, not an error
 
 def _run_in_transaction(registered: Handler, event: OutboxEvent, using: str) -> Run:
     connection = connections[using]
-    watch = _QueryWatch()
     with transaction.atomic(using=using):
-        with connection.execute_wrapper(watch):
-            _call(registered, event)
+        writes = statements.WriteCheck(using)
+        registered.call(event)
         if connection.needs_rollback:
             raise TransactionManagementError(
                 "the handler caught a database error inside transaction.atomic() "
                 "and went on"
             )
-        if not (watch.queried and statements.wrote_in_transaction(using)):
+        if not writes.wrote():
             return Run(event, Outcome.COMPLETED)
         held = [(event.pk, event.lease_token or 0)]
         if not statements.complete(held, using=using):
@@ -140,23 +136,3 @@ def _run_in_transaction(registered: Handler, event: OutboxEvent, using: str) -> 
         event.status = Status.COMPLETED
         busy = ordering.advance([event.key], using) if event.key else set()
     return Run(event, Outcome.COMPLETED, recorded=True, keys_to_recheck=busy)
-
-
-def _call(registered: Handler, event: OutboxEvent) -> None:
-    if inspect.iscoroutinefunction(registered.function):
-        async_to_sync(registered.function)(event)
-    else:
-        registered.function(event)
-
-
-class _QueryWatch:
-    """An execute wrapper that notes whether the handler ran any query."""
-
-    def __init__(self) -> None:
-        self.queried = False
-
-    def __call__(
-        self, execute: Any, sql: str, params: Any, many: bool, context: Any
-    ) -> Any:
-        self.queried = True
-        return execute(sql, params, many, context)

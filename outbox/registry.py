@@ -4,10 +4,12 @@ Handlers live in <app>/handlers.py and register with @handler; the app's
 ready() imports every such module, so a worker knows all handlers at start.
 """
 
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
+from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import autodiscover_modules
 
@@ -23,6 +25,15 @@ class Handler:
     event_type: str
     function: HandlerFunction
     max_attempts: int | None
+    #: What the worker calls: the function itself, or for an async def
+    #: function, a blocking wrapper that runs it on an event loop.
+    call: HandlerFunction = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        call = self.function
+        if inspect.iscoroutinefunction(call):
+            call = async_to_sync(call)
+        object.__setattr__(self, "call", call)
 
     @property
     def name(self) -> str:

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from django.db import NotSupportedError, connections
+from django.db import NotSupportedError, connections, transaction
+from psycopg.pq import TransactionStatus
 
 from outbox.models import OutboxEvent, Status
 
@@ -79,8 +80,9 @@ def claim(
 ) -> list[OutboxEvent]:
     """Lock up to limit ready events and lease them, in one statement.
 
-    Call inside a transaction. Returns the events as claimed (processing,
-    attempt counted, the token set), oldest first.
+    In autocommit the statement is a transaction of its own: one round trip.
+    Returns the events as claimed (processing, attempt counted, the token
+    set), oldest first.
     """
     sql = _claim_sql(using, limit)
     params = [
@@ -123,12 +125,13 @@ def _ready_sql(using: str, limit: int) -> tuple[str, tuple[Any, ...]]:
         .select_for_update(skip_locked=True)
         .values("pk")[:limit]
     )
-    # Not a public API (guarded by tests/outbox/test_statements.py); the
-    # compiler refuses FOR UPDATE outside a transaction, so it runs in one.
-    connection = connections[using]
-    if connection.get_autocommit():
-        raise RuntimeError("compile the claim inside a transaction")
-    sql, params = ready.query.get_compiler(using=using).as_sql()
+    # Not a public API (guarded by tests/outbox/test_statements.py). The
+    # compiler refuses FOR UPDATE in autocommit, where a plain SELECT would
+    # drop its locks at once; here the locking read is part of the claim's
+    # UPDATE, which holds them to its end, so compile it in an (empty)
+    # transaction.
+    with transaction.atomic(using=using):
+        sql, params = ready.query.get_compiler(using=using).as_sql()
     return sql, tuple(params)
 
 
@@ -202,7 +205,8 @@ def _run_fenced(
 ) -> set[int]:
     ids = [pk for pk, _ in held]
     if _vendor(using) == "postgresql":
-        params = [*values, ids, ids, [token for _, token in held]]
+        tokens = [token for _, token in held]
+        params = [*values, _array(ids), _array(ids), _array(tokens)]
     else:
         params = [*values, *ids]
         for pk, token in held:
@@ -213,17 +217,44 @@ def _run_fenced(
         return {row[0] for row in cursor.fetchall()}
 
 
-def wrote_in_transaction(using: str) -> bool:
-    """Whether the current transaction has written anything yet.
+def _array(numbers: list[int]) -> str:
+    """An array literal for a %s::bigint[] parameter.
 
-    A handler that only read needs no commit of its own: its completion is
-    recorded with the batch's. PostgreSQL assigns a transaction id on the
-    first write. On SQLite, where writers queue for one lock anyway, every
-    handler that queried is taken to have written.
+    Joined here: psycopg's client-side binding quotes a list element by
+    element, with a regular expression each, for every id of every batch.
     """
-    connection = connections[using]
-    if _vendor(using) == "postgresql":
-        with connection.cursor() as cursor:
+    return "{" + ",".join(map(str, numbers)) + "}"
+
+
+class WriteCheck:
+    """Whether the transaction open on a connection wrote since this was made.
+
+    Make it at the start of a handler's transaction and ask wrote() at its
+    end: a handler that only read, or never queried, needs no commit of its
+    own; its completion is recorded with the batch's. Neither question costs
+    a round trip unless the handler queried:
+
+    - PostgreSQL: psycopg sends BEGIN with the first query, so a connection
+      still idle ran none; otherwise the server says whether it assigned a
+      transaction id, which it does at the first write.
+    - SQLite: the count of rows changed on the connection moved.
+    """
+
+    def __init__(self, using: str) -> None:
+        self._connection = connections[using]
+        self._connection.ensure_connection()
+        self._postgresql = _vendor(using) == "postgresql"
+        self._changes = 0 if self._postgresql else self._sqlite_changes()
+
+    def wrote(self) -> bool:
+        if not self._postgresql:
+            return self._sqlite_changes() != self._changes
+        status = self._connection.connection.info.transaction_status
+        if status == TransactionStatus.IDLE:
+            return False
+        with self._connection.cursor() as cursor:
             cursor.execute("SELECT pg_current_xact_id_if_assigned() IS NOT NULL")
             return bool(cursor.fetchone()[0])
-    return True
+
+    def _sqlite_changes(self) -> int:
+        return int(self._connection.connection.total_changes)
