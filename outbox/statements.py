@@ -17,8 +17,9 @@ Both supported databases run the same statements; only the clock differs.
 The database's clock is used, never the worker's, as for publish().
 """
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -92,9 +93,51 @@ def claim(
         _interval(using, lease),
         token,
     ]
-    events = list(OutboxEvent.objects.using(using).raw(sql, params))
+    # In autocommit the claim's transaction is its own and ends with it: no
+    # setting to put back.
+    own_transaction = connections[using].get_autocommit()
+    with (
+        transaction.atomic(using=using, savepoint=False),
+        in_index_order(using, restore=not own_transaction),
+    ):
+        events = list(OutboxEvent.objects.using(using).raw(sql, params))
     events.sort(key=lambda event: (event.available_at, event.pk))
     return events
+
+
+@contextlib.contextmanager
+def in_index_order(using: str, *, restore: bool = True) -> Iterator[None]:
+    """Plan the statements run inside without sorts: as ordered index scans.
+
+    The claim (and the lease rescue) read the oldest rows of a partial index,
+    LIMIT a batch. Planned from missing or stale statistics (a table never
+    analyzed, analyzed while nearly empty, or grown since), PostgreSQL
+    estimates a handful of matching rows and reads them with a bitmap heap
+    scan and a sort: every ready row, for every batch, so a claim costs time
+    in proportion to the backlog (165 ms for 32 rows over 100,000, against
+    0.14 ms for the index scan). With sorts disabled the ordered index scan
+    is the one plan left that needs none, whatever the statistics say.
+
+    The setting is local to the transaction (the caller's, which must be
+    open) and, if restore, put back as it was on the way out; without, it
+    lasts to the transaction's end. SQLite plans from its indexes: nothing to
+    do.
+    """
+    if _vendor(using) != "postgresql":
+        yield
+        return
+    connection = connections[using]
+    if connection.get_autocommit():
+        raise RuntimeError("in_index_order() needs an open transaction")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT current_setting('enable_sort'), "
+            "set_config('enable_sort', 'off', true)"
+        )
+        before = cursor.fetchone()[0]
+        yield
+        if restore:
+            cursor.execute("SELECT set_config('enable_sort', %s, true)", [before])
 
 
 @functools.cache

@@ -211,7 +211,7 @@ def test_rescue__and_a_late_heartbeat_never_both_keep_an_expired_lease():
 
     def heartbeat_after_the_read(execute, sql, params, many, context):
         result = execute(sql, params, many, context)
-        if not extended and sql.lstrip().upper().startswith("SELECT"):
+        if not extended and "FOR UPDATE" in sql.upper():
             extended.append(InThread(stalled.leases.extend).join())
         return result
 
