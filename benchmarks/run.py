@@ -116,12 +116,21 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
                 10_000 if quick else 100_000, 1_000 if quick else 10_000, 16
             ),
         ),
+        ("backlog-10k", lambda: w.backlog(1_000 if quick else 10_000)),
+        ("backlog-100k", lambda: w.backlog(10_000 if quick else 100_000)),
+        ("backlog-1m", lambda: w.backlog(100_000 if quick else 1_000_000)),
+        ("backlog-1m-4", lambda: w.backlog(100_000 if quick else 1_000_000, 4)),
+        (
+            "backlog-1m-c16",
+            lambda: w.backlog(100_000 if quick else 1_000_000, 1, 16),
+        ),
     ]
     if options.only:
         plan = [(key, workload) for key, workload in plan if key in options.only]
     runs: dict[str, list[list[dict[str, Any]]]] = {}
     for key, workload in plan:
-        for _ in range(1 if quick else RUNS):
+        # A backlog of a million takes minutes to publish and drain: once.
+        for _ in range(1 if quick or key.startswith("backlog") else RUNS):
             result = workload()
             measurements = result if isinstance(result, list) else [result]
             runs.setdefault(key, []).append(
@@ -171,7 +180,23 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
         best(runs, "pgqueuer-16"),
     )
     rss_64_vs_1 = io_64["notes"]["peak_rss_mb"] / io_1["notes"]["peak_rss_mb"]
+    backlog_10k = best(runs, "backlog-10k")["notes"]["steady_per_s"]
+    backlog_1m = best(runs, "backlog-1m")
+    claim_start = backlog_1m["notes"]["claim_ms_at_start"]
+    claim_end = backlog_1m["notes"]["claim_ms_at_90"]
     return [
+        check(
+            "backlog 1 M whole drain >= 80 % of 10 k steady",
+            backlog_1m["rate"] / backlog_10k,
+            ">=",
+            0.8,
+        ),
+        check(
+            "backlog 1 M claim at start <= 2 x at 90 %",
+            claim_start / claim_end,
+            "<=",
+            2.0,
+        ),
         check("io, concurrency 16 >= 90 % of 800/s", io_16["rate"] / 800, ">=", 0.9),
         check(
             "io, concurrency 16 above both peers at 16",

@@ -373,6 +373,82 @@ def claim_time(completed_rows: int, batch_size: int) -> Measurement:
     )
 
 
+# --- backlog ----------------------------------------------------------------
+
+
+def backlog(events: int, processes: int = 1, concurrency: int = 1) -> Measurement:
+    """Drain a backlog published into a fresh table no one has analyzed.
+
+    The outbox's tables are dropped and migrated again, autovacuum is off for
+    the event table (so no analyze happens by luck during the run), and the
+    events go in with publish_many(), with no VACUUM ANALYZE after. Then
+    worker processes drain it. The whole-drain rate runs from the workers'
+    start; the steady rate from 10 % to 90 % done; the claim's median is the
+    worker's own claim statement, taken in a rolled-back transaction before
+    the workers start and again once 90 % is done.
+    """
+    from django.core.management import call_command
+
+    call_command("migrate", "outbox", "zero", verbosity=0)
+    call_command("migrate", "outbox", verbosity=0)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "ALTER TABLE outbox_outboxevent SET (autovacuum_enabled = false)"
+        )
+    for start in range(0, events, 1000):
+        count = min(1000, events - start)
+        publish_many(NewEvent("benchmark.noop", PAYLOAD) for _ in range(count))
+    claim_at_start = _claim_median()
+    arguments = ["--drain", "--concurrency", str(concurrency)]
+    started = time.perf_counter()
+    workers = [start_worker(*arguments) for _ in range(processes)]
+    marks: dict[float, float] = {}
+    claim_at_end = 0.0
+    while len(marks) < 2:
+        done = 1 - not_completed() / events
+        for mark in (0.1, 0.9):
+            if done >= mark and mark not in marks:
+                marks[mark] = time.perf_counter()
+                if mark == 0.9:
+                    claim_at_end = _claim_median()
+        time.sleep(0.05)
+    for worker in workers:
+        if worker.wait(timeout=3600):
+            raise RuntimeError("a benchmark worker failed")
+    whole = time.perf_counter() - started
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE outbox_outboxevent RESET (autovacuum_enabled)")
+    shape = f"{processes} process{'es' if processes > 1 else ''}"
+    if concurrency > 1:
+        shape += f", concurrency {concurrency}"
+    return Measurement(
+        f"backlog of {events:,}, never analyzed, {shape}",
+        events,
+        whole,
+        {
+            "steady_per_s": events * 0.8 / (marks[0.9] - marks[0.1]),
+            "claim_ms_at_start": claim_at_start * 1000,
+            "claim_ms_at_90": claim_at_end * 1000,
+        },
+    )
+
+
+def _claim_median(samples: int = 9) -> float:
+    """The median time of the worker's claim of 32, rolled back each time."""
+    from datetime import timedelta
+
+    timings = []
+    for _ in range(samples):
+        with transaction.atomic():
+            started = time.perf_counter()
+            OutboxEvent.objects.claim(
+                worker_id="probe", limit=32, lease=timedelta(seconds=60)
+            )
+            timings.append(time.perf_counter() - started)
+            transaction.set_rollback(True)
+    return statistics.median(timings)
+
+
 # --- memory -----------------------------------------------------------------
 
 
