@@ -14,6 +14,7 @@ from django.db import connections, router
 from django.db.models import Count, Q
 from django.db.models.functions import Now
 
+from outbox import statements
 from outbox.conf import get_settings
 from outbox.models import OPEN_TO_OPERATORS, OutboxEvent, OutboxWorker, Status
 
@@ -113,9 +114,10 @@ def count_by_status(*, using: str | None = None) -> StatusCounts:
             discarded=Count("id", filter=Q(discarded_at__isnull=False)),
         )
     )
-    totals = {row["status"]: (row["total"], row["discarded"]) for row in rows}
+    with statements.in_index_order(using):
+        totals = {row["status"]: (row["total"], row["discarded"]) for row in rows}
+        completed = events.filter(status=Status.COMPLETED)[: COUNT_CAP + 1].count()
     open_total = sum(total for total, _ in totals.values())
-    completed = events.filter(status=Status.COMPLETED)[: COUNT_CAP + 1].count()
     exact = completed <= COUNT_CAP
     if not exact:
         completed = max(_estimated_rows(using) - open_total, COUNT_CAP + 1)
@@ -132,13 +134,14 @@ def count_by_status(*, using: str | None = None) -> StatusCounts:
 def ready_lag(*, using: str | None = None) -> timedelta | None:
     """Return how long the oldest ready, unclaimed event has waited, if any."""
     using = using or router.db_for_read(OutboxEvent)
-    oldest = (
-        OutboxEvent.objects.using(using)
-        .ready()
-        .annotate(now=Now())
-        .values_list("available_at", "now")
-        .first()
-    )
+    with statements.in_index_order(using):
+        oldest = (
+            OutboxEvent.objects.using(using)
+            .ready()
+            .annotate(now=Now())
+            .values_list("available_at", "now")
+            .first()
+        )
     if oldest is None:
         return None
     available_at, now = oldest

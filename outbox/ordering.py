@@ -18,6 +18,7 @@ from collections.abc import Collection, Iterable, Mapping
 from django.db import connections, transaction
 from django.db.models import Exists, Min, Q, Subquery
 
+from outbox import statements
 from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import UNFINISHED, OutboxEvent, Status
 
@@ -236,9 +237,10 @@ def promote_orphaned_heads(using: str) -> int:
         .values("head")
     )
     with transaction.atomic(using=using):
-        orphaned = set(
-            OutboxEvent.objects.using(using)
-            .filter(pk__in=Subquery(heads), waiting=True)
-            .values_list("key", flat=True)
-        )
+        with statements.in_index_order(using):
+            orphaned = set(
+                OutboxEvent.objects.using(using)
+                .filter(pk__in=Subquery(heads), waiting=True)
+                .values_list("key", flat=True)
+            )
         return promote_heads(orphaned - busy_keys(orphaned, using), using)

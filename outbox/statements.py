@@ -81,7 +81,7 @@ def claim(
 ) -> list[OutboxEvent]:
     """Lock up to limit ready events and lease them, in one statement.
 
-    In autocommit the statement is a transaction of its own: one round trip.
+    In autocommit it opens a transaction of its own (see in_index_order()).
     Returns the events as claimed (processing, attempt counted, the token
     set), oldest first.
     """
@@ -93,51 +93,57 @@ def claim(
         _interval(using, lease),
         token,
     ]
-    # In autocommit the claim's transaction is its own and ends with it: no
-    # setting to put back.
-    own_transaction = connections[using].get_autocommit()
-    with (
-        transaction.atomic(using=using, savepoint=False),
-        in_index_order(using, restore=not own_transaction),
-    ):
+    with in_index_order(using):
         events = list(OutboxEvent.objects.using(using).raw(sql, params))
     events.sort(key=lambda event: (event.available_at, event.pk))
     return events
 
 
-@contextlib.contextmanager
-def in_index_order(using: str, *, restore: bool = True) -> Iterator[None]:
-    """Plan the statements run inside without sorts: as ordered index scans.
+#: The plans in_index_order() rules out: each reads, or sorts, rows in
+#: proportion to what matches, where an ordered index scan stops at LIMIT.
+_UNBOUNDED_PLANS = ("enable_seqscan", "enable_bitmapscan", "enable_sort")
+#: Read the settings as they are, and turn them off for the transaction.
+_PLANS_OFF = "SELECT " + ", ".join(
+    [f"current_setting('{name}')" for name in _UNBOUNDED_PLANS]
+    + [f"set_config('{name}', 'off', true)" for name in _UNBOUNDED_PLANS]
+)
+#: Put them back as they were.
+_PLANS_BACK = "SELECT " + ", ".join(
+    f"set_config('{name}', %s, true)" for name in _UNBOUNDED_PLANS
+)
 
-    The claim (and the lease rescue) read the oldest rows of a partial index,
-    LIMIT a batch. Planned from missing or stale statistics (a table never
+
+@contextlib.contextmanager
+def in_index_order(using: str) -> Iterator[None]:
+    """Plan the statements run inside as index scans, whatever the statistics.
+
+    The claim reads the oldest rows of a partial index, LIMIT a batch; the
+    rescue, the orphan sweep, pruning and the operators' counts read other
+    partial indexes. Planned from missing or stale statistics (a table never
     analyzed, analyzed while nearly empty, or grown since), PostgreSQL
     estimates a handful of matching rows and reads them with a bitmap heap
-    scan and a sort: every ready row, for every batch, so a claim costs time
-    in proportion to the backlog (165 ms for 32 rows over 100,000, against
-    0.14 ms for the index scan). With sorts disabled the ordered index scan
-    is the one plan left that needs none, whatever the statistics say.
+    scan and a sort, or a sequential scan: every ready row, for every batch,
+    so a claim costs time in proportion to the backlog (165 ms for 32 rows
+    over 100,000, against 0.14 ms for the index scan). With sequential
+    scans, bitmap scans and sorts disabled, the index scan is the plan left,
+    however few rows the planner expects.
 
-    The setting is local to the transaction (the caller's, which must be
-    open) and, if restore, put back as it was on the way out; without, it
-    lasts to the transaction's end. SQLite plans from its indexes: nothing to
-    do.
+    The settings are local to a transaction: the caller's, and then put back
+    as they were on the way out, or in autocommit one opened here, which
+    ends with the block. SQLite plans from its indexes: nothing to do.
     """
     if _vendor(using) != "postgresql":
         yield
         return
     connection = connections[using]
-    if connection.get_autocommit():
-        raise RuntimeError("in_index_order() needs an open transaction")
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT current_setting('enable_sort'), "
-            "set_config('enable_sort', 'off', true)"
-        )
-        before = cursor.fetchone()[0]
-        yield
-        if restore:
-            cursor.execute("SELECT set_config('enable_sort', %s, true)", [before])
+    own_transaction = connection.get_autocommit()
+    with transaction.atomic(using=using, savepoint=False):
+        with connection.cursor() as cursor:
+            cursor.execute(_PLANS_OFF)
+            settings = cursor.fetchone()[: len(_UNBOUNDED_PLANS)]
+            yield
+            if not own_transaction:
+                cursor.execute(_PLANS_BACK, settings)
 
 
 @functools.cache

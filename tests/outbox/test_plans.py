@@ -24,10 +24,11 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from outbox import ordering
+from outbox import monitoring, ordering, publish
 from outbox.handling import Backoff
 from outbox.maintenance import Maintenance
 from outbox.models import OutboxEvent
+from outbox.pruning import prune
 
 pytestmark = pytest.mark.django_db
 
@@ -126,6 +127,37 @@ def test_key_head_lookups__read_the_key_index(backlog: None) -> None:
     assert_bounded(taken, expect=1)
 
 
+def test_publish_with_a_key__finds_the_keys_head_by_the_key_index(
+    backlog: None,
+) -> None:
+    with plans() as taken:
+        publish("plan.test", {}, key="k")
+
+    assert_bounded(taken, expect=1)
+
+
+def test_orphaned_key_sweep__reads_the_key_index(backlog: None) -> None:
+    with plans() as taken:
+        ordering.promote_orphaned_heads("default")
+
+    assert_bounded(taken, expect=2)
+
+
+def test_status_summary_and_lag__read_indexes(backlog: None) -> None:
+    with plans() as taken:
+        monitoring.collect_status()
+
+    assert_bounded(taken, expect=3)
+
+
+def test_pruning__reads_old_events_by_index(backlog: None) -> None:
+    with plans() as taken:
+        pruned = prune(older_than=timedelta(days=1), include_failed=True)
+
+    assert (pruned.completed, pruned.failed) == (50, 50)
+    assert_bounded(taken, expect=4)
+
+
 def test_claim__puts_the_callers_sort_setting_back(backlog: None) -> None:
     for setting in ("on", "off"):
         with connection.cursor() as cursor:
@@ -176,7 +208,7 @@ def plans() -> Iterator[list[tuple[str, dict[str, Any]]]]:
         execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
     ) -> Any:
         if not many and sql.lstrip().upper().startswith(
-            ("SELECT", "WITH", "UPDATE", "DELETE")
+            ("SELECT", "WITH", "INSERT", "UPDATE", "DELETE")
         ):
             raw = context["cursor"].cursor
             raw.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
