@@ -23,7 +23,7 @@ from datetime import timedelta
 
 from django.db import DatabaseError, transaction
 
-from outbox import ordering, statements
+from outbox import ordering
 from outbox.errors import LeaseExpired
 from outbox.handling import Backoff, Outcome, failed_run
 from outbox.models import OutboxEvent
@@ -111,13 +111,12 @@ class Maintenance:
         """Return events of dead workers to pending, or fail them if used up."""
         finished_keys: set[str] = set()
         with transaction.atomic(using=self.using):
-            with statements.in_index_order(self.using):
-                expired = list(
-                    OutboxEvent.objects.using(self.using)
-                    .expired()
-                    .order_by("locked_until")
-                    .select_for_update(skip_locked=True)[:RESCUE_BATCH]
-                )
+            expired = list(
+                OutboxEvent.objects.using(self.using)
+                .expired()
+                .order_by("locked_until")
+                .select_for_update(skip_locked=True)[:RESCUE_BATCH]
+            )
             for event in expired:
                 run = failed_run(event, LeaseExpired(event.locked_by), self.backoff)
                 outcome = write_failure(run, worker_id=self.worker_id)

@@ -51,10 +51,10 @@ class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
     def claim(self, *, worker_id: str, limit: int, lease: timedelta) -> "Batch":
         """Lock up to limit ready events and lease them to worker_id.
 
-        One statement, so in autocommit its own transaction: the events are
-        locked with SELECT ... FOR UPDATE SKIP LOCKED and marked processing,
-        attempt counted, under a fresh lease token, the fence every outcome
-        of the batch is written on.
+        One statement, in the caller's transaction or, in autocommit, one of
+        its own: the events are locked with SELECT ... FOR UPDATE SKIP LOCKED
+        and marked processing, attempt counted, under a fresh lease token,
+        the fence every outcome of the batch is written on.
         """
         # statements builds its SQL from this module's model, so it comes late.
         from outbox import statements

@@ -18,7 +18,6 @@ from collections.abc import Collection, Iterable, Mapping
 from django.db import connections, transaction
 from django.db.models import Exists, Min, Q, Subquery
 
-from outbox import statements
 from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import UNFINISHED, OutboxEvent, Status
 
@@ -237,10 +236,9 @@ def promote_orphaned_heads(using: str) -> int:
         .values("head")
     )
     with transaction.atomic(using=using):
-        with statements.in_index_order(using):
-            orphaned = set(
-                OutboxEvent.objects.using(using)
-                .filter(pk__in=Subquery(heads), waiting=True)
-                .values_list("key", flat=True)
-            )
+        orphaned = set(
+            OutboxEvent.objects.using(using)
+            .filter(pk__in=Subquery(heads), waiting=True)
+            .values_list("key", flat=True)
+        )
         return promote_heads(orphaned - busy_keys(orphaned, using), using)

@@ -16,7 +16,6 @@ from django.db import router, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from outbox import statements
 from outbox.models import OutboxEvent, Status
 
 logger = logging.getLogger(__name__)
@@ -122,19 +121,16 @@ def _delete_batch(
     selection: QuerySet[OutboxEvent], status: str, batch_size: int, using: str
 ) -> int:
     with transaction.atomic(using=using):
-        with statements.in_index_order(using):
-            ids = list(
-                selection.select_for_update(skip_locked=True).values_list(
-                    "pk", flat=True
-                )[:batch_size]
-            )
-            if not ids:
-                return 0
-            # The status again: an operator may have retried a failed event
-            # since it was selected.
-            deleted, _ = (
-                OutboxEvent.objects.using(using)
-                .filter(pk__in=ids, status=status)
-                .delete()
-            )
+        ids = list(
+            selection.select_for_update(skip_locked=True).values_list("pk", flat=True)[
+                :batch_size
+            ]
+        )
+        if not ids:
+            return 0
+        # The status again: an operator may have retried a failed event
+        # since it was selected.
+        deleted, _ = (
+            OutboxEvent.objects.using(using).filter(pk__in=ids, status=status).delete()
+        )
     return deleted

@@ -230,8 +230,8 @@ class Worker:
         if not finished and not room:
             return Batch(events=[], token=0), BatchResult()
         started = time.monotonic()
-        # With nothing to record, the claim alone is one statement in
-        # autocommit: one round trip from a wake-up to a running handler.
+        # With nothing to record, the claim opens its own transaction: BEGIN,
+        # the planner settings, the claim, COMMIT (statements.in_index_order).
         with transaction.atomic(using=self.using) if finished else nullcontext():
             recorded = record(finished, using=self.using, worker_id=self.worker_id)
             batch = self._claim(room) if room else Batch(events=[], token=0)
