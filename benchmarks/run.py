@@ -116,13 +116,14 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
                 10_000 if quick else 100_000, 1_000 if quick else 10_000, 16
             ),
         ),
+        # --quick: 1,000, 2,000 and 5,000, enough to run every part.
         ("backlog-10k", lambda: w.backlog(1_000 if quick else 10_000)),
-        ("backlog-100k", lambda: w.backlog(10_000 if quick else 100_000)),
-        ("backlog-1m", lambda: w.backlog(100_000 if quick else 1_000_000)),
-        ("backlog-1m-4", lambda: w.backlog(100_000 if quick else 1_000_000, 4)),
+        ("backlog-100k", lambda: w.backlog(2_000 if quick else 100_000)),
+        ("backlog-1m", lambda: w.backlog(5_000 if quick else 1_000_000)),
+        ("backlog-1m-4", lambda: w.backlog(5_000 if quick else 1_000_000, 4)),
         (
             "backlog-1m-c16",
-            lambda: w.backlog(100_000 if quick else 1_000_000, 1, 16),
+            lambda: w.backlog(5_000 if quick else 1_000_000, 1, 16),
         ),
     ]
     if options.only:

@@ -42,7 +42,12 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "scale-1m",
         "memory",
         "memory-16",
+        "backlog-10k",
+        "backlog-100k",
+        "backlog-1m",
+        "backlog-1m-4",
+        "backlog-1m-c16",
     }
     assert all(len(runs) == 1 for runs in report["runs"].values())
-    assert len(report["targets"]) == 15
+    assert len(report["targets"]) == 17
     assert "drain-1 >= 60 % of the ceiling" in result.stdout
