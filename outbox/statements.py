@@ -118,11 +118,15 @@ def in_index_order(using: str) -> Iterator[None]:
     """Plan the statements run inside as index scans, whatever the statistics.
 
     The claim reads the oldest rows of a partial index, LIMIT a batch; the
-    rescue, the orphan sweep, pruning and the operators' counts read other
-    partial indexes. Planned from missing or stale statistics (a table never
-    analyzed, analyzed while nearly empty, or grown since), PostgreSQL
-    estimates a handful of matching rows and reads them with a bitmap heap
-    scan and a sort, or a sequential scan: every ready row, for every batch,
+    operators' counts and ready lag read partial indexes too. (The rescue,
+    the sweep and the key lookups keep to their indexes without help, and the
+    sweep, given these settings, walked the primary key instead: use this
+    only where tests/outbox/test_plans.py shows it helps.)
+
+    Planned from missing or stale statistics (a table never analyzed,
+    analyzed while nearly empty, or grown since), PostgreSQL estimates a
+    handful of matching rows and reads them with a bitmap heap scan and a
+    sort, or a sequential scan: every ready row, for every batch,
     so a claim costs time in proportion to the backlog (165 ms for 32 rows
     over 100,000, against 0.14 ms for the index scan). With sequential
     scans, bitmap scans and sorts disabled, the index scan is the plan left,
@@ -276,10 +280,13 @@ def _array(numbers: list[int]) -> str:
 
 
 class WriteCheck:
-    """Whether the transaction open on a connection wrote since this was made.
+    """Whether a handler's transaction wrote anything.
 
     Make it at the start of a handler's transaction and ask wrote() at its
-    end: a handler that only read, or never queried, needs no commit of its
+    end. On PostgreSQL the answer covers the whole transaction, so inside an
+    outer one that wrote (drain() in a test) it is True: the handler's mark
+    is then written in its transaction, which is safe. A handler that only
+    read, or never queried, needs no commit of its
     own; its completion is recorded with the batch's. Neither question costs
     a round trip unless the handler queried:
 
