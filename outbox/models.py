@@ -170,9 +170,10 @@ class OutboxEvent(models.Model):
                 condition=Q(status__in=OPEN_TO_OPERATORS),
                 name="outbox_status_idx",
             ),
-            # No index on created_at or completed_at: every claim and every
-            # completion would write to it. The admin's date filter and the
-            # pruner walk the primary key instead, which follows creation.
+            # No B-tree on created_at or completed_at: every claim and every
+            # completion would write to it. The admin's date filter reads a
+            # BRIN index (migration 0008, PostgreSQL); the pruner walks the
+            # primary key, which follows creation, up to its cutoff.
             # The admin's "has error" filter: only events that ever failed an
             # attempt are in it, a small share of a healthy table.
             models.Index(

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from outbox import monitoring, ordering, publish
+from outbox import monitoring, ordering, pruning, publish
 from outbox.handling import Backoff
 from outbox.maintenance import Maintenance
 from outbox.models import OutboxEvent
@@ -38,6 +38,8 @@ TABLE = OutboxEvent._meta.db_table
 BACKLOG = 60_000
 #: Events of the other kinds the queries look for, besides the backlog.
 FEW = 50
+#: When the events old enough to prune were created and completed.
+OLD = "now() - interval '10 days'"
 
 Plan = dict[str, Any]
 Taken = list[tuple[str, Plan]]
@@ -48,7 +50,7 @@ def never_analyzed(cursor: Any) -> None:
 
 
 def analyzed_nearly_empty(cursor: Any) -> None:
-    _insert(cursor, 10, status="completed")
+    # It holds only the events old enough to prune, inserted first.
     cursor.execute(f"ANALYZE {TABLE}")
     _insert(cursor, BACKLOG)
 
@@ -81,6 +83,8 @@ def backlogs(django_db_setup: None, django_db_blocker: Any) -> Iterator[None]:
                     "WITH (autovacuum_enabled = false)"
                 )
                 cursor.execute(f"SET search_path = {schema}, public")
+                # Ids follow creation: the events old enough to prune first.
+                _insert(cursor, FEW, status="completed", created_at=OLD)
                 state(cursor)
                 _insert(
                     cursor,
@@ -181,6 +185,18 @@ def test_status_counts_and_lag__read_only_the_open_events(backlog: None) -> None
         monitoring.collect_status()
 
     assert_bounded(taken, statements=3, rows=None)
+
+
+def test_pruning__reads_the_old_events_not_the_table(backlog: None) -> None:
+    older_than = timedelta(days=7)
+    with plans() as taken:
+        counted = pruning.count_prunable(older_than=older_than, include_failed=True)
+        pruned = pruning.prune(older_than=older_than, include_failed=True)
+
+    assert counted == {"completed": FEW, "failed": 0}
+    assert (pruned.completed, pruned.failed) == (FEW, 0)
+    # The horizon's walk of the old events, and the one event past them.
+    assert_bounded(taken, statements=5, rows=FEW + 1)
 
 
 def test_claim__puts_the_callers_settings_back(backlog: None) -> None:
@@ -295,14 +311,17 @@ def _insert(
     key: str = "",
     waiting: bool = False,
     locked_until: str = "NULL",
+    created_at: str = "now()",
 ) -> None:
+    completed_at = created_at if status == "completed" else "NULL"
     # S608: the values are the test's own constants.
     cursor.execute(
         f"INSERT INTO {TABLE} (uuid, event_type, payload, key, status, waiting, "  # noqa: S608
         "attempts, max_attempts, available_at, locked_by, locked_until, "
-        "lease_token, created_at, last_error, history, discarded_by) "
+        "lease_token, created_at, completed_at, last_error, history, discarded_by) "
         "SELECT gen_random_uuid(), 'plan.test', '{}', %s, %s, %s, 1, 5, "
         "now() - interval '1 hour' + g * interval '1 ms', 'dead', "
-        f"{locked_until}, 1, now(), '', '[]', '' FROM generate_series(1, %s) g",
+        f"{locked_until}, 1, {created_at}, {completed_at}, '', '[]', '' "
+        "FROM generate_series(1, %s) g",
         [key, status, waiting, count],
     )

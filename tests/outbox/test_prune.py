@@ -29,14 +29,22 @@ def aged(event: OutboxEvent, age: timedelta = DAYS_AGO_10) -> OutboxEvent:
 
 @pytest.fixture
 def mix() -> dict[str, OutboxEvent]:
-    """One event of each kind, old and new, keyed by what it is."""
+    """One event of each kind, old and new, keyed by what it is.
+
+    Created oldest first, as ids follow creation.
+    """
+    waited = aged(OutboxEventFactory.create(completed=True))
+    OutboxEvent.objects.filter(pk=waited.pk).update(completed_at=timezone.now())
     return {
         "old_completed": aged(OutboxEventFactory.create(completed=True)),
-        "new_completed": OutboxEventFactory.create(completed=True),
         "old_failed": aged(OutboxEventFactory.create(failed=True)),
-        "new_failed": OutboxEventFactory.create(failed=True),
         "old_pending": aged(OutboxEventFactory.create()),
         "old_processing": aged(OutboxEventFactory.create(leased=True)),
+        # Created long ago, completed just now (a backlog, retries): its
+        # age counts from its completion.
+        "old_completed_lately": waited,
+        "new_completed": OutboxEventFactory.create(completed=True),
+        "new_failed": OutboxEventFactory.create(failed=True),
     }
 
 
@@ -80,6 +88,7 @@ def test_prune__with_failed_also_deletes_old_failed_events(mix) -> None:
         "new_failed",
         "old_pending",
         "old_processing",
+        "old_completed_lately",
     }
 
 
@@ -123,6 +132,7 @@ def test_command__prints_progress_and_a_summary(mix) -> None:
         "new_failed",
         "old_pending",
         "old_processing",
+        "old_completed_lately",
     }
 
 
@@ -141,6 +151,22 @@ def test_command__dry_run_deletes_nothing(mix) -> None:
     assert "Would delete 1 completed events older than" in out.getvalue()
     assert "Would delete 1 failed events older than" in out.getvalue()
     assert remaining(mix) == set(mix)
+
+
+def test_prune__stops_at_the_first_event_created_since_the_cutoff() -> None:
+    # Ids follow creation; an event whose id came after a newer one's but
+    # whose creation is dated before the cutoff (its transaction began
+    # first) waits until the events numbered before it are old too.
+    old = aged(OutboxEventFactory.create(completed=True))
+    new = OutboxEventFactory.create(completed=True)
+    late = aged(OutboxEventFactory.create(completed=True))
+
+    first = prune(older_than=timedelta(days=7))
+    aged(new)
+    second = prune(older_than=timedelta(days=7))
+
+    assert (first.completed, second.completed) == (1, 2)
+    assert not OutboxEvent.objects.filter(pk__in=[old.pk, new.pk, late.pk]).exists()
 
 
 @pytest.mark.parametrize(
@@ -170,7 +196,7 @@ def test_worker__prunes_once_a_minute_when_the_setting_is_on(mix, clock) -> None
         clock[0] += 60
         maintenance.run_due()
         assert remaining(mix) == set(mix) - {"old_completed"}
-        later = aged(OutboxEventFactory.create(completed=True))
+        later = aged(mix["new_completed"])  # the next oldest comes of age
         clock[0] += 59
         maintenance.run_due()  # not due again yet
         assert OutboxEvent.objects.filter(pk=later.pk).exists()

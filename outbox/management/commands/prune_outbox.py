@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
 from outbox.management.arguments import duration, positive_int
-from outbox.pruning import DEFAULT_BATCH_SIZE, prunable, prune
+from outbox.pruning import DEFAULT_BATCH_SIZE, count_prunable, prune
 
 
 class Command(BaseCommand):
@@ -51,10 +51,12 @@ class Command(BaseCommand):
     ) -> None:
         cutoff = timezone.now() - older_than
         if dry_run:
-            selections = prunable(older_than=older_than, include_failed=include_failed)
-            for status, events in selections.items():
+            counts = count_prunable(
+                older_than=older_than, include_failed=include_failed
+            )
+            for status, count in counts.items():
                 self.stdout.write(
-                    f"Would delete {events.count()} {status} events older than "
+                    f"Would delete {count} {status} events older than "
                     f"{cutoff:%Y-%m-%d %H:%M:%S %Z}."
                 )
             return
