@@ -7,6 +7,12 @@ from django.core.exceptions import ImproperlyConfigured
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+#: Django's deploy check (security.W009) asks for as much, and no such prefix.
+SECRET_KEY_MIN_LENGTH = 50
+INSECURE_KEY_PREFIX = "django-insecure-"
+_MAKE_A_KEY = (
+    "Make one with: python -c 'import secrets; print(secrets.token_urlsafe(50))'"
+)
 
 
 def _raw(name: str) -> str | None:
@@ -25,6 +31,30 @@ def env_required(name: str, expected: str) -> str:
     value = _raw(name)
     if not value:
         raise ImproperlyConfigured(f"{name} is required: expected {expected}.")
+    return value
+
+
+def env_secret_key(name: str) -> str:
+    """Return the variable as a secret key fit for production.
+
+    The rules are those of Django's own deploy check (security.W009), raised
+    to errors: a guessable key forges sessions and invitation links.
+    """
+    value = env_required(
+        name,
+        "a long random string when DJANGO_DEBUG is off "
+        "(or set DJANGO_DEBUG=1 for local development)",
+    )
+    if value.startswith(INSECURE_KEY_PREFIX):
+        raise ImproperlyConfigured(
+            f"{name} starts with {INSECURE_KEY_PREFIX!r}, which marks a development "
+            f"key: expected a random string of your own. {_MAKE_A_KEY}"
+        )
+    if len(value) < SECRET_KEY_MIN_LENGTH:
+        raise ImproperlyConfigured(
+            f"{name} is too short: {len(value)} characters, expected at least "
+            f"{SECRET_KEY_MIN_LENGTH} random characters. {_MAKE_A_KEY}"
+        )
     return value
 
 

@@ -5,6 +5,7 @@ interpreter with its own environment.
 """
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -116,22 +117,85 @@ def test_short_secret_key__is_refused() -> None:
     result = load_settings(DJANGO_SECRET_KEY="short")
 
     assert result.returncode != 0
-    assert "DJANGO_SECRET_KEY is too short" in result.stderr
+    assert "DJANGO_SECRET_KEY is too short: 5 characters" in result.stderr
 
 
-def test_check_deploy__reports_no_errors_in_production() -> None:
-    result = manage(
-        "check",
-        "--deploy",
-        "--fail-level",
-        "ERROR",
-        DJANGO_DEBUG="0",
+def test_development_secret_key__is_refused_outside_debug() -> None:
+    result = load_settings(
+        DJANGO_SECRET_KEY="django-insecure-local-development-only" + "x" * 20
+    )
+
+    assert result.returncode != 0
+    assert "DJANGO_SECRET_KEY starts with 'django-insecure-'" in result.stderr
+
+
+@pytest.mark.parametrize("length", [38, 49])
+def test_env_secret_key__refuses_fewer_than_50_characters(monkeypatch, length) -> None:
+    monkeypatch.setenv("SOME_SECRET", "k" * length)
+
+    with pytest.raises(ImproperlyConfigured) as raised:
+        env.env_secret_key("SOME_SECRET")
+
+    assert (
+        f"SOME_SECRET is too short: {length} characters, expected at least 50"
+        in str(raised.value)
+    )
+
+
+def test_env_secret_key__refuses_the_insecure_prefix(monkeypatch) -> None:
+    monkeypatch.setenv("SOME_SECRET", "django-insecure-" + "k" * 50)
+
+    with pytest.raises(ImproperlyConfigured, match="starts with 'django-insecure-'"):
+        env.env_secret_key("SOME_SECRET")
+
+
+def test_env_secret_key__accepts_50_random_characters(monkeypatch) -> None:
+    key = secrets.token_urlsafe(50)[:50]
+    monkeypatch.setenv("SOME_SECRET", key)
+
+    assert env.env_secret_key("SOME_SECRET") == key
+
+
+def test_hsts__defaults_to_a_year_with_subdomains_and_preload() -> None:
+    result = run_python(
+        "import config.settings as s;"
+        "print(s.SECURE_HSTS_SECONDS, s.SECURE_HSTS_INCLUDE_SUBDOMAINS,"
+        " s.SECURE_HSTS_PRELOAD)",
         DJANGO_SECRET_KEY=SECRET,
-        DJANGO_ALLOWED_HOSTS="example.com",
     )
 
     assert result.returncode == 0, result.stderr
-    assert "ERRORS" not in result.stderr
+    assert result.stdout.split() == ["31536000", "True", "True"]
+
+
+def test_hsts__opts_out_with_zero_seconds() -> None:
+    result = run_python(
+        "import config.settings as s; print(s.SECURE_HSTS_SECONDS)",
+        DJANGO_SECRET_KEY=SECRET,
+        DJANGO_SECURE_HSTS_SECONDS="0",
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0"]
+
+
+def production(**variables: str) -> dict[str, str]:
+    """Return the environment of a production deployment: the README's minimum."""
+    return {
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+        "DJANGO_ALLOWED_HOSTS": "example.com",
+        "DJANGO_SITE_URL": "https://example.com",
+        **variables,
+    }
+
+
+def test_check_deploy__passes_at_warning_level_in_production() -> None:
+    result = manage("check", "--deploy", "--fail-level", "WARNING", **production())
+
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues" in result.stdout
+
 
 
 def test_check__fails_naming_database_url() -> None:
