@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "outbox",
     "users",
     "organizations",
+    "config",  # the project's own system checks (config/checks.py)
 ]
 
 MIDDLEWARE = [

@@ -197,6 +197,15 @@ def test_check_deploy__passes_at_warning_level_in_production() -> None:
     assert "System check identified no issues" in result.stdout
 
 
+def test_check_deploy__refuses_a_site_url_without_https() -> None:
+    result = manage(
+        "check", "--deploy", **production(DJANGO_SITE_URL="http://example.com")
+    )
+
+    assert result.returncode != 0
+    assert "config.E001" in result.stderr
+    assert "DJANGO_SITE_URL" in result.stderr
+
 
 def test_check__fails_naming_database_url() -> None:
     result = manage("check", DATABASE_URL="nonsense://x")
