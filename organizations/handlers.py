@@ -59,7 +59,9 @@ def send_invitation(event: OutboxEvent) -> None:
             "inviter": invitation.invited_by.get_full_name()
             if invitation.invited_by
             else "Someone",
-            "accept_url": f"{settings.SITE_URL}/invitations/accept?token={token}",
+            # In the fragment, which browsers never send: no Referer header or
+            # access log sees the token (the page posts it to the API).
+            "accept_url": f"{settings.SITE_URL}/invitations/accept#token={token}",
         },
         event_uuid=event.uuid,
     )

@@ -2,8 +2,10 @@
 
 import smtplib
 from datetime import timedelta
+from urllib.parse import SplitResult, urlsplit
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from organizations import services
@@ -22,6 +24,11 @@ def only_event(event_type: str) -> OutboxEvent:
     return OutboxEvent.objects.get(event_type=event_type)
 
 
+def accept_link(body: str) -> SplitResult:
+    [url] = [word for word in body.split() if "/invitations/accept" in word]
+    return urlsplit(url)
+
+
 def test_user_invited__mails_a_signed_accept_link(organization, admin, mailoutbox):
     admin.full_name = "Ada Admin"
     admin.save()
@@ -37,7 +44,7 @@ def test_user_invited__mails_a_signed_accept_link(organization, admin, mailoutbo
     assert mail.extra_headers["Message-ID"] == message_id(
         only_event("user.invited").uuid
     )
-    token = mail.body.split("token=")[1].split()[0]
+    token = accept_link(mail.body).fragment.removeprefix("token=")
     assert read_invitation_token(token, max_age=services.invitation_lifetime()) == (
         invitation.pk,
         "new@example.com",
@@ -46,6 +53,26 @@ def test_user_invited__mails_a_signed_accept_link(organization, admin, mailoutbo
     assert mimetype == "text/html"
     assert "Accept the invitation" in html
     assert token not in str(only_event("user.invited").payload)
+
+
+def test_user_invited__carries_the_token_in_the_fragment(
+    organization, admin, mailoutbox
+):
+    services.invite_member(
+        actor=admin, organization=organization, email="new@example.com", role="member"
+    )
+    drain()
+
+    [mail] = mailoutbox
+    link = accept_link(mail.body)
+    html, _ = mail.alternatives[0]
+    assert f"{link.scheme}://{link.netloc}{link.path}" == (
+        f"{settings.SITE_URL}/invitations/accept"
+    )
+    assert link.query == ""
+    assert link.fragment.startswith("token=")
+    assert len(link.fragment) > len("token=")
+    assert f'href="{link.geturl()}"' in html
 
 
 @pytest.mark.parametrize("field", ["revoked_at", "accepted_at"])
