@@ -8,8 +8,11 @@ COMPAT_VENV ?= .venv-django52
 COMPAT_BIN := $(COMPAT_VENV)/bin
 # The test suite's PostgreSQL; each run creates its own uniquely named database.
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+# Debian's Chromium, where the browser test (tests/browser) looks for it.
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: demo test test-fast lint test-postgres test-sqlite test-compat mutants clean
+.PHONY: demo test test-fast chromium lint check-deploy test-postgres test-sqlite \
+	test-compat mutants clean
 
 $(BIN)/.installed: pyproject.toml
 	"$$(scripts/find-python)" -m venv "$(VENV)"
@@ -25,8 +28,14 @@ demo: $(BIN)/.installed
 	DJANGO_DEBUG=1 "$(BIN)/python" manage.py seed_demo
 	DJANGO_DEBUG=1 "$(BIN)/python" manage.py run_outbox_worker
 
-## test: lint, type-check, check the project and run both test suites.
-test: lint test-postgres test-sqlite
+## test: install Chromium if it is missing, lint, type-check, check the project
+## (also as deployed) and run both test suites.
+test: chromium lint check-deploy test-postgres test-sqlite
+
+## chromium: install Debian's Chromium for the browser test when it is missing:
+## through apt as root; otherwise stop at once, printing the command to run.
+chromium:
+	scripts/install-chromium "$(CHROMIUM)"
 
 lint: $(BIN)/.installed
 	"$(BIN)/ruff" check .
@@ -35,7 +44,16 @@ lint: $(BIN)/.installed
 	DJANGO_DEBUG=1 "$(BIN)/python" manage.py check --fail-level WARNING
 	DJANGO_DEBUG=1 "$(BIN)/python" manage.py makemigrations --check --dry-run
 
-test-postgres: $(BIN)/.installed
+## check-deploy: Django's deployment checklist, warnings included, with the
+## settings a production deployment sets: debug off, https, and a secret key
+## made for this run (never one written down).
+check-deploy: $(BIN)/.installed
+	DJANGO_DEBUG=0 DJANGO_ALLOWED_HOSTS=example.com \
+	DJANGO_SITE_URL=https://example.com \
+	DJANGO_SECRET_KEY="$$("$(BIN)/python" -c 'import secrets; print(secrets.token_urlsafe(50))')" \
+	"$(BIN)/python" manage.py check --deploy --fail-level WARNING
+
+test-postgres: chromium $(BIN)/.installed
 	DATABASE_URL="$(TEST_DATABASE_URL)" "$(BIN)/pytest" --cov --cov-report=term
 
 test-sqlite: $(BIN)/.installed
