@@ -101,9 +101,16 @@ def test_install_chromium__fails_if_apt_leaves_it_missing(machine) -> None:
 def make_dry_run(*targets: str, tmp_path: Path) -> list[str]:
     make = shutil.which("make")
     assert make is not None, "make is missing"
+    # Run from make test itself, the child would inherit its flags and level.
+    environment = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
+    }
     result = subprocess.run(
-        [make, "--dry-run", *targets, f"VENV={tmp_path / 'venv'}"],
+        [make, "--dry-run", "--no-print-directory", *targets, f"VENV={tmp_path}"],
         cwd=ROOT,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=30,
