@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
+
 from config.env import (
     env_bool,
     env_choice,
@@ -67,6 +69,26 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "config.urls"
+# The API answers a failed CSRF check in its JSON error shape.
+CSRF_FAILURE_VIEW = "config.api.csrf_failure"
+
+# The API's rate limits count in this cache (config/throttle.py), so every
+# web process must share it: DJANGO_CACHE_URL=redis://host:6379/0 in
+# production. The default, local memory, counts per process.
+_CACHE_URL = env_str("DJANGO_CACHE_URL", default="")
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": _CACHE_URL,
+    }
+    if _CACHE_URL.startswith(("redis://", "rediss://"))
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
+if _CACHE_URL and not _CACHE_URL.startswith(("redis://", "rediss://")):
+    raise ImproperlyConfigured(
+        f"DJANGO_CACHE_URL must start with redis:// or rediss://, not {_CACHE_URL!r}."
+    )
+THROTTLE_CACHE = "default"
 WSGI_APPLICATION = "config.wsgi.application"
 
 TEMPLATES = [

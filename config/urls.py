@@ -6,3 +6,6 @@ urlpatterns = [
     path("api/", include("users.urls")),
     path("api/", include("organizations.urls")),
 ]
+
+handler404 = "config.api.not_found"
+handler500 = "config.api.server_error"

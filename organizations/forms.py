@@ -11,7 +11,9 @@ class OrganizationForm(forms.Form):
 
 
 class InvitationForm(forms.Form):
-    email = forms.EmailField()
+    # Invitation.email's column holds 254 characters (RFC 5321's limit on a
+    # path); the form field's default is 320.
+    email = forms.EmailField(max_length=254)
     role = forms.ChoiceField(choices=Role.choices)
 
 

@@ -1,22 +1,14 @@
 """Reads of the organization domain, scoped to what the caller may see."""
 
 from django.db.models import QuerySet
+from django.utils import timezone
 
-from organizations.errors import DomainError
-from organizations.models import Membership, Project, Role
+from organizations.errors import Forbidden, NotFound
+from organizations.models import Invitation, Membership, Project, Role
 from users.models import User
 
-
-class NotFound(DomainError):  # noqa: N818 - reads as the HTTP status it becomes
-    """Nothing the caller may see has this name (HTTP 404)."""
-
-    status = 404
-
-
-class Forbidden(DomainError):  # noqa: N818 - reads as the HTTP status it becomes
-    """The caller's role does not allow this (HTTP 403)."""
-
-    status = 403
+ADMIN = (Role.ADMIN,)
+WRITERS = (Role.ADMIN, Role.MEMBER)
 
 
 def memberships_of(user: User) -> QuerySet[Membership]:
@@ -58,6 +50,20 @@ def projects_of(membership: Membership) -> QuerySet[Project]:
     return Project.objects.filter(organization=membership.organization).order_by("name")
 
 
+def open_invitations_of(membership: Membership) -> QuerySet[Invitation]:
+    """The organization's invitations that can still be accepted, newest first."""
+    return (
+        Invitation.objects.filter(
+            organization=membership.organization,
+            accepted_at__isnull=True,
+            revoked_at__isnull=True,
+            expires_at__gt=timezone.now(),
+        )
+        .select_related("invited_by")
+        .order_by("-created_at", "-id")
+    )
+
+
 def member(membership: Membership, user_id: int) -> User:
     """Return a member of the caller's organization, or raise NotFound."""
     found = User.objects.filter(
@@ -66,7 +72,3 @@ def member(membership: Membership, user_id: int) -> User:
     if found is None:
         raise NotFound("No such member.")
     return found
-
-
-ADMIN = (Role.ADMIN,)
-WRITERS = (Role.ADMIN, Role.MEMBER)

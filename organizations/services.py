@@ -6,8 +6,12 @@ all of it commits or none of it does. Events of one organization share the
 key org:<id>, so the worker handles them in order. Payloads carry ids, never
 personal data; handlers load what they need.
 
-Services trust their caller to have checked who may do what (the views do);
-they enforce the rules of the domain itself.
+Views check who may do what before they parse a body; each service that
+changes members, invitations or projects checks it again, after it has
+locked the organization, because a role can change between the two (a
+demoted or removed admin must not finish an invitation or a removal begun a
+moment before). Membership changes lock the same row, so once it is held the
+actor's role stays as read until the commit.
 """
 
 from datetime import timedelta
@@ -18,8 +22,16 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
-from organizations.errors import Conflict, DomainError, InvalidToken
+from organizations.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    InvalidToken,
+    NotFound,
+    WrongPassword,
+)
 from organizations.models import (
     AuditEntry,
     Invitation,
@@ -70,6 +82,7 @@ def invite_member(
     email = User.objects.normalize_email(email)
     with transaction.atomic():
         _lock(organization)
+        _require_role(actor, organization, ADMIN)
         if Membership.objects.filter(
             organization=organization, user__email__iexact=email
         ).exists():
@@ -98,14 +111,36 @@ def invite_member(
     return invitation
 
 
+@sensitive_variables("token", "password")
 def accept_invitation(*, token: str, password: str) -> Membership:
-    """Join the invitation's organization, creating the account if new."""
+    """Join the invitation's organization, creating the account if new.
+
+    The invitation stands only while the person who sent it may still
+    invite: an admin removed or demoted since has their open invitations
+    revoked, and an invitation whose sender lost the role any other way (an
+    account deactivated or deleted) is refused here.
+    """
     invitation_id, email = read_invitation_token(token, max_age=invitation_lifetime())
     with transaction.atomic():
+        # The organization first, as every membership change locks it, then
+        # the invitation: the order remove_member() takes them in.
+        organization_id = (
+            Invitation.objects.filter(pk=invitation_id)
+            .values_list("organization_id", flat=True)
+            .first()
+        )
+        if organization_id is not None:
+            _lock_id(organization_id)
         invitation = _open_invitation(invitation_id, email)
-        user = _user_for(invitation.email, password)
         organization = invitation.organization
-        _lock(organization)
+        inviter = invitation.invited_by
+        if (
+            inviter is None
+            or not inviter.is_active
+            or not _has_role(inviter, organization, ADMIN)
+        ):
+            raise InvalidToken("This invitation is no longer valid.", field="token")
+        user = _user_for(invitation.email, password)
         if Membership.objects.filter(organization=organization, user=user).exists():
             raise Conflict("You are already a member of this organization.")
         membership = Membership.objects.create(
@@ -122,18 +157,43 @@ def accept_invitation(*, token: str, password: str) -> Membership:
     return membership
 
 
+def revoke_invitation(
+    *, actor: User, organization: Organization, invitation_id: int
+) -> None:
+    """Revoke one of organization's invitations; revoking twice is no error."""
+    with transaction.atomic():
+        _lock(organization)
+        _require_role(actor, organization, ADMIN)
+        invitation = (
+            Invitation.objects.select_for_update()
+            .filter(pk=invitation_id, organization=organization)
+            .first()
+        )
+        if invitation is None:
+            raise NotFound("No such invitation.")
+        if invitation.accepted_at is not None:
+            raise Conflict("This invitation was already accepted.")
+        if invitation.revoked_at is not None:
+            return
+        invitation.revoked_at = timezone.now()
+        invitation.save(update_fields=["revoked_at"])
+        _audit(organization, actor, "invitation.revoked", invitation, reason="revoked")
+
+
 def change_role(
     *, actor: User, organization: Organization, member: User, role: str
 ) -> Membership:
     """Give member a new role; the last admin cannot be demoted."""
     with transaction.atomic():
         _lock(organization)
+        _require_role(actor, organization, ADMIN)
         membership = _membership(organization, member)
         old_role = membership.role
         if old_role == role:
             return membership
         if old_role == Role.ADMIN:
             _ensure_another_admin(organization, membership)
+            _revoke_invitations_sent_by(member, organization, actor, "inviter demoted")
         membership.role = role
         membership.save(update_fields=["role"])
         _audit(
@@ -161,9 +221,11 @@ def remove_member(*, actor: User, organization: Organization, member: User) -> N
     """Remove member from organization; the last admin cannot be removed."""
     with transaction.atomic():
         _lock(organization)
+        _require_role(actor, organization, ADMIN)
         membership = _membership(organization, member)
         if membership.role == Role.ADMIN:
             _ensure_another_admin(organization, membership)
+        _revoke_invitations_sent_by(member, organization, actor, "inviter removed")
         membership.delete()
         _audit(organization, actor, "membership.removed", member, role=membership.role)
         publish(
@@ -176,6 +238,8 @@ def remove_member(*, actor: User, organization: Organization, member: User) -> N
 def create_project(*, actor: User, organization: Organization, name: str) -> Project:
     """Create a project in organization."""
     with transaction.atomic():
+        _lock(organization)
+        _require_role(actor, organization, WRITERS)
         try:
             with transaction.atomic():
                 project = Project.objects.create(
@@ -195,8 +259,55 @@ def create_project(*, actor: User, organization: Organization, name: str) -> Pro
 
 
 def _lock(organization: Organization) -> None:
-    """Serialise membership changes of one organization (last-admin checks)."""
-    Organization.objects.select_for_update().filter(pk=organization.pk).exists()
+    """Serialise the changes of one organization's members, invitations and
+    projects, and the role checks they rest on."""
+    _lock_id(organization.pk)
+
+
+def _lock_id(organization_id: int) -> None:
+    Organization.objects.select_for_update().filter(pk=organization_id).exists()
+
+
+ADMIN = (Role.ADMIN,)
+WRITERS = (Role.ADMIN, Role.MEMBER)
+
+
+def _has_role(user: User, organization: Organization, roles: tuple[str, ...]) -> bool:
+    return Membership.objects.filter(
+        organization=organization, user=user, role__in=roles
+    ).exists()
+
+
+def _require_role(
+    actor: User, organization: Organization, roles: tuple[str, ...]
+) -> None:
+    """Refuse an actor who is, by now, no member (404) or lacks the role (403)."""
+    role = (
+        Membership.objects.filter(organization=organization, user=actor)
+        .values_list("role", flat=True)
+        .first()
+    )
+    if role is None:
+        raise NotFound("No such organization.")
+    if role not in roles:
+        raise Forbidden(f"This needs the role {' or '.join(roles)}.")
+
+
+def _revoke_invitations_sent_by(
+    inviter: User, organization: Organization, actor: User, reason: str
+) -> None:
+    """Revoke the open invitations inviter sent, as they lose the right to."""
+    sent = Invitation.objects.select_for_update().filter(
+        organization=organization,
+        invited_by=inviter,
+        accepted_at__isnull=True,
+        revoked_at__isnull=True,
+    )
+    now = timezone.now()
+    for invitation in sent:
+        invitation.revoked_at = now
+        invitation.save(update_fields=["revoked_at"])
+        _audit(organization, actor, "invitation.revoked", invitation, reason=reason)
 
 
 def _membership(organization: Organization, member: User) -> Membership:
@@ -233,21 +344,32 @@ def _open_invitation(invitation_id: int, email: str) -> Invitation:
     return invitation
 
 
+@sensitive_variables("password")
 def _user_for(email: str, password: str) -> User:
     """Return the account for email, creating it with password if new."""
     user = User.objects.filter(email__iexact=email).first()
     if user is not None:
         if not user.check_password(password):
-            raise DomainError(
+            raise WrongPassword(
                 "This is not the password of the existing account.", field="password"
             )
+        if not user.is_active:
+            raise Forbidden("This account is deactivated.")
         return user
     candidate = User(email=email)
     try:
         validate_password(password, user=candidate)
     except ValidationError as error:
         raise DomainError(" ".join(error.messages), field="password") from None
-    return User.objects.create_user(email, password)
+    try:
+        with transaction.atomic():
+            return User.objects.create_user(email, password)
+    except IntegrityError:
+        # Another invitation to this address was accepted at the same moment.
+        raise Conflict(
+            "An account for this address was created a moment ago: "
+            "accept again with its password."
+        ) from None
 
 
 def _audit(

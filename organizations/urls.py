@@ -9,6 +9,11 @@ urlpatterns = [
         views.invitations,
         name="organization-invitations",
     ),
+    path(
+        "organizations/<slug:slug>/invitations/<int:invitation_id>",
+        views.invitation,
+        name="organization-invitation",
+    ),
     path("invitations/accept", views.accept_invitation, name="invitation-accept"),
     path(
         "organizations/<slug:slug>/members",

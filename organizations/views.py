@@ -2,15 +2,18 @@
 
 Every view that names an organization goes through selectors.membership_in,
 which answers 404 for an organization the caller does not belong to and 403
-for a role that may not do this.
+for a role that may not do this (the services check again, under a lock).
+Sending invitations and accepting them are rate limited (config/throttle.py).
 """
 
 from django.contrib.auth import login
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.views.decorators.http import require_http_methods, require_POST
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 
-from config.api import handle_errors, json_api, parse
+from config import throttle
+from config.api import handle_errors, json_api, methods, parse
 from organizations import selectors, services
+from organizations.errors import WrongPassword
 from organizations.forms import (
     AcceptInvitationForm,
     InvitationForm,
@@ -18,11 +21,12 @@ from organizations.forms import (
     ProjectForm,
     RoleForm,
 )
-from organizations.models import Membership, Project
+from organizations.models import Invitation, Membership, Project
+from organizations.tokens import read_invitation_token
 from users.models import User
 
 
-@require_http_methods(["GET", "POST"])
+@methods("GET", "POST")
 @json_api
 def organizations(request: HttpRequest) -> HttpResponse:
     """List the caller's organizations, or create one with the caller as admin."""
@@ -43,43 +47,72 @@ def organizations(request: HttpRequest) -> HttpResponse:
     return JsonResponse(_organization(membership), status=201)
 
 
-@require_POST
+@methods("GET", "POST")
 @json_api
 def invitations(request: HttpRequest, slug: str) -> HttpResponse:
-    """Invite someone to the organization (admins only)."""
+    """List the open invitations, or invite someone (admins only)."""
     user = _user(request)
     membership = selectors.membership_in(user, slug, roles=selectors.ADMIN)
+    organization = membership.organization
+    if request.method == "GET":
+        return JsonResponse(
+            {
+                "invitations": [
+                    _invitation(i) for i in selectors.open_invitations_of(membership)
+                ]
+            }
+        )
     data = parse(request, InvitationForm)
+    throttle.hit("invitations_per_actor", str(user.pk))
+    throttle.hit("invitations_per_organization", str(organization.pk))
+    email = User.objects.normalize_email(data["email"])
+    throttle.cooldown("invitation_cooldown_per_recipient", f"{organization.pk}:{email}")
     invitation = services.invite_member(
-        actor=user,
-        organization=membership.organization,
-        email=data["email"],
-        role=data["role"],
+        actor=user, organization=organization, email=email, role=data["role"]
     )
-    return JsonResponse(
-        {
-            "id": invitation.pk,
-            "email": invitation.email,
-            "role": invitation.role,
-            "expires_at": invitation.expires_at.isoformat(),
-        },
-        status=201,
-    )
+    return JsonResponse(_invitation(invitation), status=201)
 
 
-@require_POST
+@methods("DELETE")
+@json_api
+def invitation(request: HttpRequest, slug: str, invitation_id: int) -> HttpResponse:
+    """Revoke an invitation (admins only); its link stops working."""
+    user = _user(request)
+    membership = selectors.membership_in(user, slug, roles=selectors.ADMIN)
+    services.revoke_invitation(
+        actor=user, organization=membership.organization, invitation_id=invitation_id
+    )
+    return HttpResponse(status=204)
+
+
+@sensitive_post_parameters("password", "token")
+@sensitive_variables("data")
+@methods("POST")
 @handle_errors
 def accept_invitation(request: HttpRequest) -> HttpResponse:
-    """Join with an invitation link's token; the account is created if new."""
+    """Join with an invitation link's token; the account is created if new.
+
+    Wrong passwords of an existing account count against the same limit as
+    failed logins, so accepting is no way round it.
+    """
+    throttle.hit("accept_per_client", throttle.client(request))
     data = parse(request, AcceptInvitationForm)
-    membership = services.accept_invitation(
-        token=data["token"], password=data["password"]
+    _, email = read_invitation_token(
+        data["token"], max_age=services.invitation_lifetime()
     )
+    throttle.check("password_failures_per_account", email)
+    try:
+        membership = services.accept_invitation(
+            token=data["token"], password=data["password"]
+        )
+    except WrongPassword:
+        throttle.hit("password_failures_per_account", email)
+        raise
     login(request, membership.user, backend="django.contrib.auth.backends.ModelBackend")
     return JsonResponse(_organization(membership), status=201)
 
 
-@require_http_methods(["GET"])
+@methods("GET")
 @json_api
 def members(request: HttpRequest, slug: str) -> HttpResponse:
     """List the members of an organization the caller belongs to."""
@@ -89,7 +122,7 @@ def members(request: HttpRequest, slug: str) -> HttpResponse:
     )
 
 
-@require_http_methods(["PATCH", "DELETE"])
+@methods("PATCH", "DELETE")
 @json_api
 def member(request: HttpRequest, slug: str, user_id: int) -> HttpResponse:
     """Change a member's role, or remove them (admins only)."""
@@ -111,7 +144,7 @@ def member(request: HttpRequest, slug: str, user_id: int) -> HttpResponse:
     return JsonResponse(_member(changed))
 
 
-@require_http_methods(["GET", "POST"])
+@methods("GET", "POST")
 @json_api
 def projects(request: HttpRequest, slug: str) -> HttpResponse:
     """List the organization's projects, or create one (not viewers)."""
@@ -150,6 +183,18 @@ def _member(membership: Membership) -> dict[str, object]:
         "email": membership.user.email,
         "full_name": membership.user.full_name,
         "role": membership.role,
+    }
+
+
+def _invitation(invitation: Invitation) -> dict[str, object]:
+    inviter = invitation.invited_by
+    return {
+        "id": invitation.pk,
+        "email": invitation.email,
+        "role": invitation.role,
+        "invited_by": inviter.email if inviter is not None else None,
+        "created_at": invitation.created_at.isoformat(),
+        "expires_at": invitation.expires_at.isoformat(),
     }
 
 

@@ -44,3 +44,13 @@ def register_handler():
     yield register
     for event_type in registered:
         registry.unregister(event_type)
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_limits() -> Any:
+    """Each test starts with no requests counted against the API's limits."""
+    from django.core.cache import caches
+
+    caches[settings.THROTTLE_CACHE].clear()
+    yield
+    caches[settings.THROTTLE_CACHE].clear()

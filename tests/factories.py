@@ -52,11 +52,23 @@ class InvitationFactory(factory.django.DjangoModelFactory[Invitation]):
     organization = factory.SubFactory(OrganizationFactory)
     email = factory.Sequence(lambda n: f"invitee{n}@example.com")
     role = Role.MEMBER
-    invited_by = factory.SubFactory(UserFactory)
+    # An admin of the organization: an invitation stands only while its
+    # sender may still invite.
+    invited_by = factory.LazyAttribute(
+        lambda invitation: (
+            MembershipFactory.create(
+                organization=invitation.organization, role=Role.ADMIN
+            ).user
+        )
+    )
     expires_at = factory.LazyAttribute(_in_a_week)
 
     class Meta:
         model = Invitation
+
+    class Params:
+        accepted = factory.Trait(accepted_at=factory.LazyFunction(timezone.now))
+        revoked = factory.Trait(revoked_at=factory.LazyFunction(timezone.now))
 
 
 class ProjectFactory(factory.django.DjangoModelFactory[Project]):

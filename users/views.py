@@ -3,36 +3,48 @@ from django.contrib.auth import authenticate, login, logout
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import get_token
 from django.views.decorators.csrf import ensure_csrf_cookie
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.debug import sensitive_post_parameters, sensitive_variables
 
-from config.api import error, handle_errors, parse
+from config import throttle
+from config.api import error, handle_errors, methods, parse
 
 
 class LoginForm(forms.Form):
-    email = forms.EmailField()
+    # The column's length: a longer address names no account.
+    email = forms.EmailField(max_length=254)
     password = forms.CharField(strip=False)
 
 
-@require_GET
+@methods("GET")
 @ensure_csrf_cookie
 def csrf(request: HttpRequest) -> JsonResponse:
     """Set the CSRF cookie; browsers send it back as X-CSRFToken."""
     return JsonResponse({"csrf_token": get_token(request)})
 
 
-@require_POST
+@sensitive_post_parameters("password")
+@sensitive_variables("data")
+@methods("POST")
 @handle_errors
 def login_view(request: HttpRequest) -> HttpResponse:
-    """Log in with email and password (session authentication)."""
+    """Log in with email and password (session authentication).
+
+    Rate limited per client address, and per account on wrong passwords
+    (config/throttle.py): guessing is slow from one place and for one
+    account from many.
+    """
+    throttle.hit("login_per_client", throttle.client(request))
     data = parse(request, LoginForm)
+    throttle.check("password_failures_per_account", data["email"])
     user = authenticate(request, username=data["email"], password=data["password"])
     if user is None:
+        throttle.hit("password_failures_per_account", data["email"])
         return error(400, "The email or password is wrong.")
     login(request, user)
     return JsonResponse({"id": user.pk, "email": user.get_username()})
 
 
-@require_POST
+@methods("POST")
 def logout_view(request: HttpRequest) -> HttpResponse:
     """End the session."""
     logout(request)
