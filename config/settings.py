@@ -108,6 +108,8 @@ TEMPLATES = [
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 AUTH_USER_MODEL = "users.User"
+# Django's backend, counting wrong passwords per account on every login path.
+AUTHENTICATION_BACKENDS = ["config.auth.RateLimitedModelBackend"]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": f"django.contrib.auth.password_validation.{name}"}
     for name in (

@@ -108,7 +108,7 @@ def accept_invitation(request: HttpRequest) -> HttpResponse:
     except WrongPassword:
         throttle.hit("password_failures_per_account", email)
         raise
-    login(request, membership.user, backend="django.contrib.auth.backends.ModelBackend")
+    login(request, membership.user, backend="config.auth.RateLimitedModelBackend")
     return JsonResponse(_organization(membership), status=201)
 
 

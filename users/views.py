@@ -30,15 +30,16 @@ def login_view(request: HttpRequest) -> HttpResponse:
     """Log in with email and password (session authentication).
 
     Rate limited per client address, and per account on wrong passwords
-    (config/throttle.py): guessing is slow from one place and for one
-    account from many.
+    (config/throttle.py, config/auth.py): guessing is slow from one place
+    and for one account from many.
     """
     throttle.hit("login_per_client", throttle.client(request))
     data = parse(request, LoginForm)
+    # The backend counts wrong passwords (config/auth.py); checked here
+    # first, so a locked account is told when to come back.
     throttle.check("password_failures_per_account", data["email"])
     user = authenticate(request, username=data["email"], password=data["password"])
     if user is None:
-        throttle.hit("password_failures_per_account", data["email"])
         return error(400, "The email or password is wrong.")
     login(request, user)
     return JsonResponse({"id": user.pk, "email": user.get_username()})

@@ -94,6 +94,24 @@ def test_login__wrong_passwords_lock_the_account_from_every_address(cache):
 
 
 @override_settings(THROTTLES={"password_failures_per_account": (2, 3600)})
+def test_admin_login__wrong_passwords_count_against_the_account(cache):
+    # The admin's login form goes through the same backend as the API's.
+    staff = UserFactory.create(is_staff=True, is_superuser=True)
+
+    def admin_login(password: str) -> bool:
+        client = Client()
+        client.post("/admin/login/", {"username": staff.email, "password": password})
+        return client.get("/admin/").status_code == 200
+
+    assert admin_login(PASSWORD)
+    failed = [admin_login("wrong") for _ in range(2)]
+
+    assert failed == [False, False]
+    assert not admin_login(PASSWORD)
+    assert_throttled(login(staff.email, PASSWORD))
+
+
+@override_settings(THROTTLES={"password_failures_per_account": (2, 3600)})
 def test_accept__wrong_passwords_count_against_the_accounts_login_limit(
     cache, organization
 ):

@@ -1,0 +1,42 @@
+"""The authentication backend: Django's, with wrong passwords counted.
+
+Every login path (the API's and the admin's) authenticates through here,
+so the per-account limit on wrong passwords (config/throttle.py) holds for
+all of them. Past the limit an account cannot log in until the window
+ends: the API answers 429 with Retry-After (it checks first), the admin
+its usual "enter a correct email and password".
+"""
+
+from typing import Any
+
+from django.contrib.auth.backends import ModelBackend
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest
+from django.views.decorators.debug import sensitive_variables
+
+from config import throttle
+from config.api import Throttled
+
+FAILURES = "password_failures_per_account"
+
+
+class RateLimitedModelBackend(ModelBackend):
+    @sensitive_variables("password")
+    def authenticate(
+        self,
+        request: HttpRequest | None,
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        if username is None:
+            return super().authenticate(request, username, password, **kwargs)
+        try:
+            throttle.check(FAILURES, username)
+        except Throttled:
+            # Stops authenticate() at once: no other backend is asked.
+            raise PermissionDenied from None
+        user = super().authenticate(request, username, password, **kwargs)
+        if user is None:
+            throttle.hit(FAILURES, username)
+        return user
