@@ -1,7 +1,8 @@
 """The operator's console in a real browser: Debian's Chromium via Playwright.
 
-CI installs chromium with apt (.ci/run). Without it this test fails rather
-than skips: a console nobody has clicked through is not known to work.
+`make test` installs chromium (scripts/install-chromium). Without it this
+test fails rather than skips: a console nobody has clicked through is not
+known to work.
 """
 
 from collections.abc import Iterator
@@ -33,7 +34,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def page(monkeypatch) -> Iterator[Page]:
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (see .ci/run)")
+        pytest.fail(
+            f"{CHROMIUM} is missing: run scripts/install-chromium (make test does)"
+        )
     # Playwright's sync API runs an event loop in this thread; the test's own
     # database calls are synchronous and safe.
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
