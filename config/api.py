@@ -17,7 +17,8 @@ from django import forms
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.views import defaults
+from django.views import csrf, defaults
+from django.views.decorators.debug import sensitive_variables
 
 View = Callable[..., HttpResponse]
 
@@ -54,6 +55,12 @@ class TooLarge(ApiError):  # noqa: N818 - reads as the HTTP status it becomes
     status = 413
 
 
+class UnsupportedMediaType(ApiError):  # noqa: N818 - reads as the HTTP status
+    """The body is not JSON (HTTP 415)."""
+
+    status = 415
+
+
 class Throttled(ApiError):  # noqa: N818 - reads as the HTTP status it becomes
     """Too many requests of one kind; try again after retry_after seconds."""
 
@@ -74,13 +81,18 @@ def error(
     return JsonResponse(body, status=status)
 
 
+@sensitive_variables("body", "data", "form")
 def parse(request: HttpRequest, form_class: type[forms.Form]) -> dict[str, Any]:
     """Return the cleaned JSON body, or raise BadRequest naming each bad field.
 
     Each field the form declares must come as a JSON string (a list is not
     turned into the text "['x']"), holding only characters a database can
-    store; fields the form does not declare are ignored, unread.
+    store; fields the form does not declare are ignored, unread. Any other
+    content type is refused before the body is read (CSRF middleware may
+    have parsed a form body already, after which it cannot be read raw).
     """
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType("Send the body as application/json.")
     try:
         body = request.body
     except RequestDataTooBig:
@@ -152,7 +164,12 @@ def handle_errors(view: View) -> View:
 
 
 def methods(*allowed: str) -> Callable[[View], View]:
-    """Answer other methods 405 with Allow, in the JSON error shape."""
+    """Answer other methods 405 with Allow, in the JSON error shape.
+
+    HEAD is allowed wherever GET is, as Django's own views allow it.
+    """
+    if "GET" in allowed and "HEAD" not in allowed:
+        allowed = (*allowed, "HEAD")
 
     def decorate(view: View) -> View:
         @wraps(view)
@@ -168,8 +185,14 @@ def methods(*allowed: str) -> Callable[[View], View]:
     return decorate
 
 
+def _is_api(request: HttpRequest) -> bool:
+    return request.path == "/api" or request.path.startswith("/api/")
+
+
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
-    """CSRF_FAILURE_VIEW: a 403 in the JSON error shape, not Django's page."""
+    """CSRF_FAILURE_VIEW: a 403 in the JSON error shape under /api/."""
+    if not _is_api(request):
+        return csrf.csrf_failure(request, reason)
     return error(
         403,
         "CSRF check failed: send the csrftoken cookie's value as X-CSRFToken "
@@ -177,15 +200,30 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
     )
 
 
+def bad_request(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler400: a body Django itself refused (a broken multipart, too
+    many fields), answered in JSON under /api/."""
+    if not _is_api(request):
+        return defaults.bad_request(request, exception)
+    return error(400, "The request could not be read.")
+
+
+def permission_denied(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler403: JSON under /api/, Django's page elsewhere."""
+    if not _is_api(request):
+        return defaults.permission_denied(request, exception)
+    return error(403, "Not allowed.")
+
+
 def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
     """handler404: JSON under /api/, Django's page elsewhere (the admin)."""
-    if not request.path.startswith("/api/"):
+    if not _is_api(request):
         return defaults.page_not_found(request, exception or Http404())
     return error(404, "Nothing here.")
 
 
 def server_error(request: HttpRequest) -> HttpResponse:
     """handler500: a bug, reported to the admins; no details for the caller."""
-    if not request.path.startswith("/api/"):
+    if not _is_api(request):
         return defaults.server_error(request)
     return error(500, "Something went wrong on our side.")

@@ -9,6 +9,7 @@ its usual "enter a correct email and password".
 
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.contrib.auth.backends import ModelBackend
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest
@@ -16,8 +17,6 @@ from django.views.decorators.debug import sensitive_variables
 
 from config import throttle
 from config.api import Throttled
-
-FAILURES = "password_failures_per_account"
 
 
 class RateLimitedModelBackend(ModelBackend):
@@ -29,14 +28,15 @@ class RateLimitedModelBackend(ModelBackend):
         password: str | None = None,
         **kwargs: Any,
     ) -> Any:
-        if username is None:
+        address = username or kwargs.get(get_user_model().USERNAME_FIELD)
+        if address is None:
             return super().authenticate(request, username, password, **kwargs)
         try:
-            throttle.check(FAILURES, username)
+            throttle.check_password_failures(address)
         except Throttled:
             # Stops authenticate() at once: no other backend is asked.
             raise PermissionDenied from None
         user = super().authenticate(request, username, password, **kwargs)
         if user is None:
-            throttle.hit(FAILURES, username)
+            throttle.record_password_failure(address)
         return user

@@ -1,6 +1,6 @@
 """Reads of the organization domain, scoped to what the caller may see."""
 
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
 from organizations.errors import Forbidden, NotFound
@@ -51,9 +51,17 @@ def projects_of(membership: Membership) -> QuerySet[Project]:
 
 
 def open_invitations_of(membership: Membership) -> QuerySet[Invitation]:
-    """The organization's invitations that can still be accepted, newest first."""
+    """The organization's invitations that can still be accepted, newest first:
+    open, unexpired, and sent by someone who is still an active admin."""
+    sender_is_admin = Membership.objects.filter(
+        organization=membership.organization,
+        user=OuterRef("invited_by"),
+        role=Role.ADMIN,
+        user__is_active=True,
+    )
     return (
         Invitation.objects.filter(
+            Exists(sender_is_admin),
             organization=membership.organization,
             accepted_at__isnull=True,
             revoked_at__isnull=True,

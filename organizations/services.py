@@ -21,6 +21,8 @@ from django.conf import settings
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import Value
+from django.db.models.functions import Lower
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
@@ -40,6 +42,7 @@ from organizations.models import (
     Project,
     Role,
 )
+from organizations.selectors import ADMIN, WRITERS
 from organizations.tokens import read_invitation_token
 from outbox import publish
 from users.models import User
@@ -88,19 +91,27 @@ def invite_member(
         ).exists():
             raise Conflict("This person is already a member.", field="email")
         now = timezone.now()
-        Invitation.objects.filter(
+        # Lower(), as the one-open-invitation constraint compares: iexact's
+        # UPPER() and it disagree on a few letters ("İ", the Kelvin sign).
+        Invitation.objects.alias(address=Lower("email")).filter(
             organization=organization,
-            email__iexact=email,
+            address=Lower(Value(email)),
             accepted_at__isnull=True,
             revoked_at__isnull=True,
         ).update(revoked_at=now)
-        invitation = Invitation.objects.create(
-            organization=organization,
-            email=email,
-            role=role,
-            invited_by=actor,
-            expires_at=now + invitation_lifetime(),
-        )
+        try:
+            with transaction.atomic():
+                invitation = Invitation.objects.create(
+                    organization=organization,
+                    email=email,
+                    role=role,
+                    invited_by=actor,
+                    expires_at=now + invitation_lifetime(),
+                )
+        except IntegrityError:
+            raise Conflict(
+                "An invitation to this address is already open.", field="email"
+            ) from None
         _audit(organization, actor, "invitation.created", invitation, role=role)
         publish(
             "user.invited",
@@ -266,10 +277,6 @@ def _lock(organization: Organization) -> None:
 
 def _lock_id(organization_id: int) -> None:
     Organization.objects.select_for_update().filter(pk=organization_id).exists()
-
-
-ADMIN = (Role.ADMIN,)
-WRITERS = (Role.ADMIN, Role.MEMBER)
 
 
 def _has_role(user: User, organization: Organization, roles: tuple[str, ...]) -> bool:

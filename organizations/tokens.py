@@ -18,7 +18,7 @@ SALT = "organizations.invitation"
 def make_invitation_token(invitation: Invitation) -> str:
     """Return the token for the invitation's accept link."""
     return signing.dumps(
-        {"invitation": invitation.pk, "email": invitation.email.lower()}, salt=SALT
+        {"invitation": invitation.pk, "email": invitation.email}, salt=SALT
     )
 
 

@@ -31,7 +31,7 @@ from users.models import User
 def organizations(request: HttpRequest) -> HttpResponse:
     """List the caller's organizations, or create one with the caller as admin."""
     user = _user(request)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):
         return JsonResponse(
             {
                 "organizations": [
@@ -54,7 +54,7 @@ def invitations(request: HttpRequest, slug: str) -> HttpResponse:
     user = _user(request)
     membership = selectors.membership_in(user, slug, roles=selectors.ADMIN)
     organization = membership.organization
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):
         return JsonResponse(
             {
                 "invitations": [
@@ -63,10 +63,13 @@ def invitations(request: HttpRequest, slug: str) -> HttpResponse:
             }
         )
     data = parse(request, InvitationForm)
-    throttle.hit("invitations_per_actor", str(user.pk))
-    throttle.hit("invitations_per_organization", str(organization.pk))
+    throttle.hit(throttle.INVITATIONS_PER_ACTOR, str(user.pk))
+    throttle.hit(throttle.INVITATIONS_PER_ORGANIZATION, str(organization.pk))
     email = User.objects.normalize_email(data["email"])
-    throttle.cooldown("invitation_cooldown_per_recipient", f"{organization.pk}:{email}")
+    throttle.cooldown(
+        throttle.INVITATION_COOLDOWN_PER_RECIPIENT,
+        f"{organization.pk}:{throttle.folded(email)}",
+    )
     invitation = services.invite_member(
         actor=user, organization=organization, email=email, role=data["role"]
     )
@@ -95,18 +98,18 @@ def accept_invitation(request: HttpRequest) -> HttpResponse:
     Wrong passwords of an existing account count against the same limit as
     failed logins, so accepting is no way round it.
     """
-    throttle.hit("accept_per_client", throttle.client(request))
+    throttle.hit(throttle.ACCEPT_PER_CLIENT, throttle.client(request))
     data = parse(request, AcceptInvitationForm)
     _, email = read_invitation_token(
         data["token"], max_age=services.invitation_lifetime()
     )
-    throttle.check("password_failures_per_account", email)
+    throttle.check_password_failures(email)
     try:
         membership = services.accept_invitation(
             token=data["token"], password=data["password"]
         )
     except WrongPassword:
-        throttle.hit("password_failures_per_account", email)
+        throttle.record_password_failure(email)
         raise
     login(request, membership.user, backend="config.auth.RateLimitedModelBackend")
     return JsonResponse(_organization(membership), status=201)
@@ -149,7 +152,7 @@ def member(request: HttpRequest, slug: str, user_id: int) -> HttpResponse:
 def projects(request: HttpRequest, slug: str) -> HttpResponse:
     """List the organization's projects, or create one (not viewers)."""
     user = _user(request)
-    if request.method == "GET":
+    if request.method in ("GET", "HEAD"):
         membership = selectors.membership_in(user, slug)
         return JsonResponse(
             {"projects": [_project(p) for p in selectors.projects_of(membership)]}

@@ -33,11 +33,11 @@ def login_view(request: HttpRequest) -> HttpResponse:
     (config/throttle.py, config/auth.py): guessing is slow from one place
     and for one account from many.
     """
-    throttle.hit("login_per_client", throttle.client(request))
+    throttle.hit(throttle.LOGIN_PER_CLIENT, throttle.client(request))
     data = parse(request, LoginForm)
     # The backend counts wrong passwords (config/auth.py); checked here
     # first, so a locked account is told when to come back.
-    throttle.check("password_failures_per_account", data["email"])
+    throttle.check_password_failures(data["email"])
     user = authenticate(request, username=data["email"], password=data["password"])
     if user is None:
         return error(400, "The email or password is wrong.")

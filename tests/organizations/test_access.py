@@ -6,9 +6,11 @@ time the service writes, so the services read it again under the lock.
 """
 
 import time
+from datetime import timedelta
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from organizations import services
 from organizations.errors import Forbidden, NotFound
@@ -146,6 +148,13 @@ def test_invitations__admins_list_the_open_ones_newest_first(
     newer = InvitationFactory.create(organization=organization, invited_by=admin)
     InvitationFactory.create(organization=organization, revoked=True)
     InvitationFactory.create(organization=organization, accepted=True)
+    expired = InvitationFactory.create(organization=organization)
+    Invitation.objects.filter(pk=expired.pk).update(
+        created_at=timezone.now() - timedelta(days=8),
+        expires_at=timezone.now() - timedelta(days=1),
+    )
+    demoted = InvitationFactory.create(organization=organization)
+    Membership.objects.filter(user=demoted.invited_by).update(role=Role.MEMBER)
     InvitationFactory.create()  # another organization's
 
     response = api_as(admin).get("organizations/acme/invitations")
@@ -299,44 +308,86 @@ def test_create_project__refuses_an_actor_no_longer_a_member(organization):
     assert not organization.projects.exists()
 
 
+#: What an admin starts while being demoted: (method, path, body, and what
+#: must stand afterwards).
+WHILE_DEMOTED = {
+    "remove a member": (
+        "delete",
+        "members/{target}",
+        None,
+        lambda w: Membership.objects.filter(user=w["target"]).exists(),
+    ),
+    "change a role": (
+        "patch",
+        "members/{target}",
+        {"role": "admin"},
+        lambda w: Membership.objects.get(user=w["target"]).role == Role.MEMBER,
+    ),
+    "invite": (
+        "post",
+        "invitations",
+        {"email": "late@example.com", "role": "admin"},
+        lambda w: not Invitation.objects.filter(email="late@example.com").exists(),
+    ),
+    "revoke an invitation": (
+        "delete",
+        "invitations/{invitation}",
+        None,
+        lambda w: Invitation.objects.get(pk=w["invitation"].pk).revoked_at is None,
+    ),
+    "create a project": (
+        "post",
+        "projects",
+        {"name": "Late"},
+        lambda w: not w["organization"].projects.exists(),
+    ),
+}
+
+
 @pytest.mark.django_db(transaction=True)
-def test_removal__by_an_admin_demoted_while_the_request_waits_is_refused(
-    organization,
-):
+@pytest.mark.parametrize("action", WHILE_DEMOTED.values(), ids=WHILE_DEMOTED.keys())
+def test_an_admin_demoted_while_their_request_waits__is_refused(organization, action):
     # The request passes the view's role check while the demotion is not
     # yet committed, then waits for the organization's lock the demotion
     # holds; once it gets it, the role it reads is the new one.
+    method, path, body, stands = action
     actor = MembershipFactory.create(organization=organization, role=Role.ADMIN)
-    MembershipFactory.create(organization=organization, role=Role.ADMIN)
-    target = MembershipFactory.create(organization=organization).user
+    other_admin = MembershipFactory.create(organization=organization, role=Role.ADMIN)
+    world = {
+        "organization": organization,
+        "target": MembershipFactory.create(organization=organization).user,
+        "invitation": InvitationFactory.create(
+            organization=organization, invited_by=other_admin.user
+        ),
+    }
     client = Client()
     client.force_login(actor.user)
     api = Api(client)
     backends: list[int] = []
+    url = "organizations/acme/" + path.format(
+        target=world["target"].pk, invitation=world["invitation"].pk
+    )
 
-    def remove() -> object:
+    def request() -> object:
         backends.append(backend_pid())
-        return api.delete(f"organizations/acme/members/{target.pk}")
+        return api.call(method, url, body)
 
     def demote() -> None:
         services.change_role(
-            actor=Membership.objects.exclude(pk=actor.pk)
-            .filter(role=Role.ADMIN)
-            .get()
-            .user,
+            actor=other_admin.user,
             organization=organization,
             member=actor.user,
-            role=Role.MEMBER,
+            role=Role.VIEWER,
         )
 
     with open_transaction(demote):
-        request = InThread(remove)
+        waiting = InThread(request)
         deadline = time.monotonic() + 10
         while not (backends and waiting_for_a_lock(backends[0])):
             assert time.monotonic() < deadline, "the request never waited"
-            assert request.thread.is_alive(), "the request did not wait"
+            assert waiting.thread.is_alive(), "the request did not wait"
             time.sleep(0.01)
 
-    response = request.join()
-    assert response.status_code == 403
-    assert Membership.objects.filter(user=target, organization=organization).exists()
+    response = waiting.join()
+    assert response.status_code == 403, response.json_body
+    assert stands(world)

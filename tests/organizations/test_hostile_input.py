@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.test import Client
+from django.test.client import BOUNDARY, MULTIPART_CONTENT, encode_multipart
 
 from organizations.models import (
     AuditEntry,
@@ -225,16 +226,16 @@ def test_a_body_over_the_upload_limit__is_413(world, endpoint):
 
 #: Every URL of the API with the methods it allows.
 ALLOWED = {
-    "auth/csrf": "GET",
+    "auth/csrf": "GET, HEAD",
     "auth/login": "POST",
     "auth/logout": "POST",
-    "organizations": "GET, POST",
-    "organizations/acme/invitations": "GET, POST",
+    "organizations": "GET, POST, HEAD",
+    "organizations/acme/invitations": "GET, POST, HEAD",
     "organizations/acme/invitations/1": "DELETE",
     "invitations/accept": "POST",
-    "organizations/acme/members": "GET",
+    "organizations/acme/members": "GET, HEAD",
     "organizations/acme/members/1": "PATCH, DELETE",
-    "organizations/acme/projects": "GET, POST",
+    "organizations/acme/projects": "GET, POST, HEAD",
 }
 
 
@@ -267,8 +268,123 @@ def test_a_missing_csrf_token__is_403_and_writes_nothing(world, endpoint):
     assert rows() == before
 
 
+def csrf_client(world: dict[str, Any], endpoint: Endpoint) -> tuple[Client, str]:
+    """A client that checks CSRF, logged in as the endpoint needs, and its token."""
+    client = Client(enforce_csrf_checks=True)
+    if endpoint.as_admin:
+        client.force_login(world["admin"])
+    return client, client.get("/api/auth/csrf").json()["csrf_token"]
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=repr)
+@pytest.mark.parametrize(
+    "content_type", ["multipart/form-data", "application/x-www-form-urlencoded"]
+)
+def test_a_body_that_is_not_json__is_415_and_writes_nothing(
+    world, endpoint, content_type
+):
+    # The CSRF middleware parses form bodies before the view: the view must
+    # not then read the body raw (RawPostDataException, a 500).
+    client, token = csrf_client(world, endpoint)
+    path = endpoint.path.replace("<member>", world["<member>"])
+    before = rows()
+
+    if content_type == "multipart/form-data":
+        response = client.generic(
+            endpoint.method.upper(),
+            f"/api/{path}",
+            encode_multipart(
+                BOUNDARY,
+                {**valid_body(world, endpoint), "csrfmiddlewaretoken": token},
+            ),
+            content_type=MULTIPART_CONTENT,
+            HTTP_X_CSRFTOKEN=token,
+        )
+    else:
+        response = client.generic(
+            endpoint.method.upper(),
+            f"/api/{path}",
+            "name=x",
+            content_type=content_type,
+            HTTP_X_CSRFTOKEN=token,
+        )
+
+    assert_refused(response, 415)
+    assert rows() == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A part whose headers never end.
+        "--xyz\r\nContent-Disposition: form-data; name=a" + "x" * 100_000,
+        "&".join(f"f{n}=x" for n in range(1500)),  # over DATA_UPLOAD_MAX_NUMBER_FIELDS
+    ],
+    ids=["broken multipart", "too many form fields"],
+)
+def test_a_body_django_refuses_before_the_view__is_a_json_4xx(world, body):
+    client, token = csrf_client(world, ENDPOINTS[0])
+    content_type = (
+        "multipart/form-data; boundary=xyz"
+        if body.startswith("--xyz")
+        else "application/x-www-form-urlencoded"
+    )
+
+    response = client.generic(
+        "POST",
+        "/api/auth/login",
+        body,
+        content_type=content_type,
+        HTTP_X_CSRFTOKEN=token,
+    )
+
+    # The CSRF middleware reads a POST's form before the view runs, and
+    # Django's own 400 (handler400) answers what it cannot read.
+    assert_refused(response, 400)
+    assert response.json() == {"error": "The request could not be read."}
+
+
+@pytest.mark.parametrize(
+    "path", ["organizations", "organizations/acme/members", "auth/csrf"]
+)
+def test_head__is_answered_wherever_get_is(world, path):
+    client = Client()
+    client.force_login(world["admin"])
+
+    assert client.head(f"/api/{path}").status_code == 200
+
+
+def test_inviting_a_unicode_case_variant_of_an_invited_address__is_no_500(world):
+    # PostgreSQL's UPPER() (iexact) and LOWER() (the one-open-invitation
+    # constraint) disagree on "İ": the variant must not reach the insert.
+    client = Client()
+    client.force_login(world["admin"])
+
+    def invite(address: str) -> Any:
+        return client.post(
+            "/api/organizations/acme/invitations",
+            data=json.dumps({"email": address, "role": "member"}),
+            content_type="application/json",
+        )
+
+    first = invite("ian@example.com")
+    variant = invite("\u0130an@example.com")
+
+    assert first.status_code == 201
+    assert variant.status_code in (201, 409), variant.content
+    assert (
+        Invitation.objects.filter(
+            email__in=["ian@example.com", "\u0130an@example.com"],
+            accepted_at__isnull=True,
+            revoked_at__isnull=True,
+        ).count()
+        == 1
+    )
+
+
 def test_an_unknown_api_url__is_404_in_the_json_shape(db):
     assert_refused(Client().get("/api/no-such-thing"), 404)
+    assert_refused(Client().get("/api"), 404)
 
 
 def test_an_unknown_admin_url__keeps_djangos_page(db, admin_client):

@@ -94,6 +94,30 @@ def test_login__wrong_passwords_lock_the_account_from_every_address(cache):
 
 
 @override_settings(THROTTLES={"password_failures_per_account": (2, 3600)})
+def test_login__spellings_the_database_takes_for_one_address_share_its_count(cache):
+    # PostgreSQL's UPPER() matches a long s to "S": "\u017fam@" logs in
+    # to sam's account, so it must spend the same count.
+    user = UserFactory.create(email="sam@example.com")
+
+    login("sam@example.com", "wrong")
+    login("SAM@example.com", "wrong")
+
+    assert_throttled(login("\u017fam@example.com", PASSWORD))
+    assert_throttled(login(user.email, PASSWORD))
+
+
+@override_settings(THROTTLES={"password_failures_per_account": (1, 3600)})
+def test_backend__counts_wrong_passwords_given_as_the_username_field(cache):
+    from django.contrib.auth import authenticate
+
+    user = UserFactory.create()
+
+    assert authenticate(None, email=user.email, password="wrong") is None
+    assert authenticate(None, email=user.email, password=PASSWORD) is None
+    assert authenticate(None, username=user.email, password=PASSWORD) is None
+
+
+@override_settings(THROTTLES={"password_failures_per_account": (2, 3600)})
 def test_admin_login__wrong_passwords_count_against_the_account(cache):
     # The admin's login form goes through the same backend as the API's.
     staff = UserFactory.create(is_staff=True, is_superuser=True)
