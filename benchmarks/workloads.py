@@ -382,7 +382,8 @@ def backlog(events: int, processes: int = 1, concurrency: int = 1) -> Measuremen
 
     The outbox's tables are dropped and migrated again, autovacuum is off for
     the event table (so no analyze happens by luck during the run), and the
-    events go in with publish_many(), with no VACUUM ANALYZE after. Then
+    events go in with publish_many(), with no VACUUM ANALYZE after (the
+    notes count the table's vacuums and analyzes, to show none ran). Then
     worker processes drain it. The whole-drain rate runs from the workers'
     start; the steady rate from 10 % to 90 % done; the claim's median is the
     worker's own claim statement, taken in a rolled-back transaction before
@@ -416,6 +417,12 @@ def backlog(events: int, processes: int = 1, concurrency: int = 1) -> Measuremen
         with connection.cursor() as cursor:
             cursor.execute("ALTER TABLE outbox_outboxevent RESET (autovacuum_enabled)")
     whole = time.perf_counter() - started
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT autovacuum_count, autoanalyze_count + analyze_count "
+            "FROM pg_stat_user_tables WHERE relname = 'outbox_outboxevent'"
+        )
+        vacuums, analyzes = cursor.fetchone()
     shape = f"{processes} process{'es' if processes > 1 else ''}"
     if concurrency > 1:
         shape += f", concurrency {concurrency}"
@@ -427,6 +434,8 @@ def backlog(events: int, processes: int = 1, concurrency: int = 1) -> Measuremen
             "steady_per_s": events * 0.8 / (marks[0.9] - marks[0.1]),
             "claim_ms_at_start": claim_at_start * 1000,
             "claim_ms_at_90": claim_at_end * 1000,
+            "vacuums": vacuums,
+            "analyzes": analyzes,
         },
     )
 
