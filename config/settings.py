@@ -182,7 +182,9 @@ OUTBOX: dict[str, Any] = {
         "BACKOFF_CAP_MS",
         "WORKER_ID",
         "PRUNE_AFTER_DAYS",
+        "PRUNE_FAILED_AFTER_DAYS",
         "CONCURRENCY",
+        "MAX_PAYLOAD_BYTES",
     )
     if os.environ.get(f"OUTBOX_{name}", "").strip()
 }

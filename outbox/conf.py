@@ -23,8 +23,13 @@ POSITIVE_INTEGERS = (
     "BACKOFF_BASE_MS",
     "BACKOFF_CAP_MS",
     "PRUNE_AFTER_DAYS",
+    "PRUNE_FAILED_AFTER_DAYS",
     "CONCURRENCY",
+    "MAX_PAYLOAD_BYTES",
 )
+#: The longest worker id: the columns that record it (OutboxEvent.locked_by,
+#: OutboxWorker.worker_id) are varchar(200).
+WORKER_ID_MAX_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,12 @@ class OutboxSettings:
     listen: bool = True
     #: Workers delete completed events older than this many days; None: never.
     prune_after_days: int | None = None
+    #: Workers delete failed events this many days after they failed (their
+    #: failed_at); None: never, they wait for an operator.
+    prune_failed_after_days: int | None = None
+    #: publish() refuses a payload whose JSON is longer: a payload carries
+    #: ids, not documents, and every claim reads the payloads it takes.
+    max_payload_bytes: int = 1_048_576
 
     @property
     def default_worker_id(self) -> str:
@@ -64,11 +75,30 @@ def problems(raw: dict[str, Any]) -> list[str]:
                 f"settings.OUTBOX[{name!r}] (environment variable OUTBOX_{name}) "
                 f"must be a positive integer, got {raw[name]!r}."
             )
-    if "WORKER_ID" in raw and not isinstance(raw["WORKER_ID"], str):
-        messages.append("settings.OUTBOX['WORKER_ID'] must be a string.")
+    if "WORKER_ID" in raw:
+        messages += _worker_id_problems(raw["WORKER_ID"])
     if "LISTEN" in raw and not isinstance(raw["LISTEN"], bool):
         messages.append("settings.OUTBOX['LISTEN'] must be True or False.")
     return messages
+
+
+def check_worker_id(value: object, *, name: str) -> str:
+    """Return value if it can name a worker; raise ValueError or TypeError."""
+    # Late: settings modules import this one, and storable brings Django's
+    # JSON encoder, whose imports reach the ORM.
+    from outbox.storable import check_text
+
+    return check_text(value, name=name, limit=WORKER_ID_MAX_LENGTH)
+
+
+def _worker_id_problems(value: object) -> list[str]:
+    try:
+        check_worker_id(value, name="settings.OUTBOX['WORKER_ID']")
+    except (TypeError, ValueError) as error:
+        return [
+            f"{str(error).removesuffix('.')} (environment variable OUTBOX_WORKER_ID)."
+        ]
+    return []
 
 
 def get_settings() -> OutboxSettings:

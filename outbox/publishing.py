@@ -5,23 +5,28 @@ inside the inserting transaction: workers wake when it commits, once however
 many events it wrote, and never for a transaction that rolls back.
 """
 
-import json
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, connections, router, transaction
 
 from outbox import ordering
-from outbox.conf import get_settings
+from outbox.conf import OutboxSettings, get_settings
 from outbox.models import OutboxEvent
 from outbox.registry import get_handler
+from outbox.storable import check_text, encode_json
 
 #: Rows per INSERT statement in publish_many().
 INSERT_CHUNK = 1000
+#: The largest max_attempts the column holds (an integer on PostgreSQL).
+MAX_ATTEMPTS_LIMIT = 2**31 - 1
+_LENGTHS = {
+    name: OutboxEvent._meta.get_field(name).max_length or 0
+    for name in ("event_type", "key", "idempotency_key")
+}
 
 
 @dataclass(frozen=True)
@@ -38,21 +43,34 @@ class NewEvent:
     def build(self) -> OutboxEvent:
         """Validate the event and return it as an unsaved row.
 
-        The payload is encoded here, before the database is touched: a
-        TypeError raised inside save() would also doom the caller's
-        transaction.
+        Everything PostgreSQL would refuse is refused here, before the
+        database is touched, with the field and the limit named: an error
+        raised inside the INSERT would doom the caller's transaction.
         """
+        settings = get_settings()
         if not self.event_type:
             raise ValueError("publish() needs a non-empty event type.")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ValueError("publish(max_attempts=...) must be at least 1.")
-        json.dumps(self.payload, cls=DjangoJSONEncoder)
+        _check_text("event_type", self.event_type)
+        if self.key is not None:
+            _check_text("key", self.key)
+        if self.idempotency_key is not None:
+            _check_text("idempotency_key", self.idempotency_key)
+        if self.max_attempts is not None:
+            _check_max_attempts(self.max_attempts)
+        # Encoded once, for its checks only: JSONField encodes it again to
+        # save, and handing it the text would mean a field of our own.
+        encode_json(
+            self.payload,
+            name="publish(payload=...)",
+            max_bytes=settings.max_payload_bytes,
+        )
         event = OutboxEvent(
             event_type=self.event_type,
             payload=self.payload,
             key=self.key or "",
             idempotency_key=self.idempotency_key,
-            max_attempts=self.max_attempts or _default_max_attempts(self.event_type),
+            max_attempts=self.max_attempts
+            or _default_max_attempts(self.event_type, settings),
         )
         if self.available_at is not None:
             event.available_at = self.available_at
@@ -70,8 +88,12 @@ def publish(
 ) -> OutboxEvent:
     """Write an event in the caller's transaction and return it.
 
-    The row commits or rolls back with the caller's transaction. A payload
-    that is not JSON-serialisable raises TypeError here. Publishing an
+    The row commits or rolls back with the caller's transaction. What the
+    database cannot store raises here, before any query, naming the field:
+    TypeError for a payload that is not JSON-serialisable or a field of the
+    wrong type, ValueError for a field over its column's 200 characters,
+    text with a NUL character or a lone surrogate, NaN or Infinity in the
+    payload, or a payload over OUTBOX_MAX_PAYLOAD_BYTES. Publishing an
     idempotency_key that exists returns the existing event and writes nothing.
     Events with the same key are handled one at a time, in publish order.
     """
@@ -182,11 +204,28 @@ def _existing_events(idempotency_keys: list[str], using: str) -> dict[str, Outbo
     return {event.idempotency_key: event for event in found if event.idempotency_key}
 
 
-def _default_max_attempts(event_type: str) -> int:
+def _check_text(field: str, value: object) -> None:
+    check_text(value, name=f"publish({field}=...)", limit=_LENGTHS[field])
+
+
+def _check_max_attempts(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"publish(max_attempts=...) must be an integer, not {type(value).__name__}."
+        )
+    if value < 1:
+        raise ValueError("publish(max_attempts=...) must be at least 1.")
+    if value > MAX_ATTEMPTS_LIMIT:
+        raise ValueError(
+            f"publish(max_attempts=...) is {value}; the limit is {MAX_ATTEMPTS_LIMIT}."
+        )
+
+
+def _default_max_attempts(event_type: str, settings: OutboxSettings) -> int:
     registered = get_handler(event_type)
     if registered is not None and registered.max_attempts is not None:
         return registered.max_attempts
-    return get_settings().max_attempts
+    return settings.max_attempts
 
 
 def notify_workers(using: str) -> None:

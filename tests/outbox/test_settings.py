@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -132,3 +133,61 @@ def test_command__refuses_concurrency_above_one_on_sqlite(monkeypatch) -> None:
 
     with pytest.raises(CommandError, match="--concurrency 2 needs PostgreSQL"):
         call_command("run_outbox_worker", "--concurrency", "2", "--drain")
+
+
+@pytest.mark.parametrize("name", ["MAX_PAYLOAD_BYTES", "PRUNE_FAILED_AFTER_DAYS"])
+def test_check__rejects_a_bad_limit_naming_the_variable(name) -> None:
+    with override_settings(OUTBOX={name: "lots"}):
+        [error] = check_outbox_settings()
+
+    assert f"OUTBOX['{name}']" in error.msg
+    assert f"OUTBOX_{name}" in error.msg
+
+
+def test_limits__default_to_a_mebibyte_of_payload_and_keeping_failed_events() -> None:
+    with override_settings(OUTBOX={}):
+        values = get_settings()
+
+    assert (values.max_payload_bytes, values.prune_failed_after_days) == (
+        1_048_576,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("worker_id", "message"),
+    [
+        ("w" * 201, "is 201 characters long; the limit is 200"),
+        ("w\x00", r"contains a NUL character \(U\+0000\)"),
+    ],
+    ids=["too-long", "nul"],
+)
+def test_check__rejects_a_worker_id_its_columns_cannot_hold(worker_id, message) -> None:
+    with override_settings(OUTBOX={"WORKER_ID": worker_id}):
+        [error] = check_outbox_settings()
+
+    assert re.search(r"settings\.OUTBOX\['WORKER_ID'\] " + message, error.msg)
+    assert "OUTBOX_WORKER_ID" in error.msg
+
+
+@pytest.mark.sqlite
+@pytest.mark.parametrize(
+    ("worker_id", "message"),
+    [
+        ("w" * 201, "--worker-id is 201 characters long; the limit is 200."),
+        ("w\x00", "--worker-id contains a NUL character (U+0000)"),
+    ],
+    ids=["too-long", "nul"],
+)
+def test_command__refuses_a_worker_id_its_columns_cannot_hold(
+    worker_id, message, monkeypatch
+) -> None:
+    """Refused at start: on PostgreSQL every claim would fail writing it, turn
+    after turn, and the worker would never drain."""
+    started: list[object] = []
+    monkeypatch.setattr("outbox.runner.Runner.run", lambda runner: started.append(1))
+
+    with pytest.raises(CommandError, match=re.escape(message)):
+        call_command("run_outbox_worker", "--worker-id", worker_id, "--drain")
+
+    assert started == []

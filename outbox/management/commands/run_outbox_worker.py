@@ -4,7 +4,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections, router
 
-from outbox.conf import get_settings
+from outbox.conf import check_worker_id, get_settings
 from outbox.management.arguments import positive_int, positive_seconds
 from outbox.models import OutboxEvent
 from outbox.runner import Runner, RunOptions
@@ -83,6 +83,12 @@ class Command(BaseCommand):
     ) -> None:
         if not worker_id.strip():
             raise CommandError("--worker-id must not be empty.")
+        try:
+            # Every claim writes it to a varchar(200): one too long would
+            # fail every turn, not once.
+            check_worker_id(worker_id, name="--worker-id")
+        except ValueError as error:
+            raise CommandError(str(error)) from None
         vendor = connections[router.db_for_write(OutboxEvent)].vendor
         if concurrency > 1 and vendor == "sqlite":
             raise CommandError(
