@@ -148,6 +148,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
                     "available_at",
                     "created_at",
                     "completed_at",
+                    "failed_at",
                     "lease",
                 )
             },

@@ -7,8 +7,9 @@
   keyed events, so it runs once per lease period;
 - recheck: keys a publisher held when their next event was to be promoted
   are promoted once free;
-- prune: with OUTBOX_PRUNE_AFTER_DAYS, old completed events are deleted, a
-  few batches a minute at most.
+- prune: with OUTBOX_PRUNE_AFTER_DAYS, old completed events are deleted,
+  and with OUTBOX_PRUNE_FAILED_AFTER_DAYS failed events that long after they
+  failed; a few batches a minute at most.
 
 The worker calls run_due() between claims; a chore that raises is retried
 at its next period, not on every tick. drain() runs them too.
@@ -65,11 +66,13 @@ class Maintenance:
         lease: timedelta,
         backoff: Backoff,
         prune_after_days: int | None,
+        prune_failed_after_days: int | None = None,
     ) -> None:
         self.using = using
         self.worker_id = worker_id
         self.backoff = backoff
         self.prune_after_days = prune_after_days
+        self.prune_failed_after_days = prune_failed_after_days
         #: Keys to promote once their publisher lets go; checked every tick.
         self.keys_to_recheck: set[str] = set()
         lease_seconds = lease.total_seconds()
@@ -94,9 +97,7 @@ class Maintenance:
         now = time.monotonic()
         ran = []
         for chore, schedule in self._schedules.items():
-            if now < schedule.due or (
-                chore is Chore.PRUNE and not self.prune_after_days
-            ):
+            if now < schedule.due or (chore is Chore.PRUNE and not self.prunes):
                 continue
             # Scheduled before it runs: a chore that raises waits its period.
             schedule.due = now + schedule.every
@@ -143,13 +144,19 @@ class Maintenance:
             )
         return promoted
 
+    @property
+    def prunes(self) -> bool:
+        """Whether either retention setting is on."""
+        return bool(self.prune_after_days or self.prune_failed_after_days)
+
     def prune(self) -> int:
-        """Delete a few batches of old completed events."""
-        if not self.prune_after_days:
+        """Delete a few batches of old completed and failed events, as set."""
+        if not self.prunes:
             return 0
         try:
             result = prune(
-                older_than=timedelta(days=self.prune_after_days),
+                older_than=_days(self.prune_after_days),
+                failed_older_than=_days(self.prune_failed_after_days),
                 batch_size=PRUNE_BATCH_SIZE,
                 max_batches=PRUNE_MAX_BATCHES,
                 using=self.using,
@@ -163,3 +170,7 @@ class Maintenance:
             )
             return 0
         return result.total
+
+
+def _days(days: int | None) -> timedelta | None:
+    return timedelta(days=days) if days else None

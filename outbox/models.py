@@ -11,6 +11,8 @@ from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from outbox.redaction import redact
+
 #: Entries kept in OutboxEvent.history; older ones are dropped first.
 HISTORY_LIMIT = 25
 #: Characters of an error message kept in last_error and the history.
@@ -119,6 +121,16 @@ class OutboxEvent(models.Model):
     lease_token = models.BigIntegerField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(db_default=Now())
     completed_at = models.DateTimeField(null=True, blank=True)
+    # Pruning ages failed events from here, not from created_at: an event an
+    # operator retried last week and that failed again today is today's
+    # failure. Events that failed before this column existed have none, and
+    # are aged by created_at.
+    failed_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the event last ended failed: its last attempt, or an "
+        "operator's discard.",
+    )
     last_error = models.TextField(blank=True, default="")
     history = models.JSONField(
         default=list,
@@ -206,8 +218,12 @@ class OutboxEvent(models.Model):
         return f"{self.event_type} {self.uuid}"
 
     def record_attempt_error(self, *, worker: str, error: BaseException) -> None:
-        """Append the failed attempt to the history and keep its message."""
-        message = _truncate(str(error))
+        """Append the failed attempt to the history and keep its message.
+
+        The message is redacted first (outbox.redaction): no email address,
+        no value PostgreSQL quotes in a DETAIL line, outlives the attempt.
+        """
+        message = _truncate(redact(str(error)))
         self.last_error = (
             f"{_error_class(error)}: {message}" if message else (_error_class(error))
         )
@@ -235,7 +251,7 @@ class OutboxEvent(models.Model):
 
         Fenced like schedule_retry(); return whether it did.
         """
-        return self._record_outcome(status=Status.FAILED)
+        return self._record_outcome(status=Status.FAILED, failed_at=Now())
 
     def _record_outcome(self, **values: Any) -> bool:
         """Write a failed attempt's outcome if the event's claim still holds it."""
@@ -267,6 +283,7 @@ class OutboxEvent(models.Model):
         self.locked_by = ""
         self.locked_until = None
         self.completed_at = None
+        self.failed_at = None
         self.record_operator_action(action="retried", actor=actor)
         self.save(
             update_fields=[
@@ -276,6 +293,7 @@ class OutboxEvent(models.Model):
                 "locked_by",
                 "locked_until",
                 "completed_at",
+                "failed_at",
                 "waiting",
                 "history",
             ]
@@ -286,11 +304,13 @@ class OutboxEvent(models.Model):
         self.status = Status.FAILED
         self.discarded_at = Now()
         self.discarded_by = actor
+        self.failed_at = Now()
         self.locked_until = None
         self.record_operator_action(action="discarded", actor=actor)
         self.save(
             update_fields=[
                 "status",
+                "failed_at",
                 "discarded_at",
                 "discarded_by",
                 "locked_until",

@@ -1,7 +1,12 @@
 """Retention: delete finished events older than a cutoff, in small batches.
 
 Only completed events (by completed_at) and, when asked, failed ones (by
-created_at) are deleted; pending and processing events never are. Each batch
+failed_at) are deleted; pending and processing events never are. A failed
+event is aged from when it failed, not from its creation: an operator who
+retried an old event that then failed again gets the whole retention period
+to look at it, and an event that waited long for its attempts is not deleted
+the moment it fails. One that failed before failed_at existed (migration
+0009) has none and is aged by created_at. Each batch
 is its own short transaction that skips rows another pruner holds, so
 pruning never blocks workers or a second pruner for long.
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.db import router, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from outbox.models import OutboxEvent, Status
@@ -56,34 +61,62 @@ def parse_duration(text: str) -> timedelta:
 
 
 def prunable(
-    *, older_than: timedelta, include_failed: bool = False, using: str | None = None
+    *,
+    older_than: timedelta | None,
+    include_failed: bool = False,
+    failed_older_than: timedelta | None = None,
+    using: str | None = None,
 ) -> dict[str, QuerySet[OutboxEvent]]:
-    """Return the events older_than would delete, by status, oldest first."""
+    """Return the events prune() would delete, by status, oldest first.
+
+    Completed events that completed more than older_than ago (None: none);
+    failed events that failed more than failed_older_than ago, or older_than
+    ago with include_failed (neither: none).
+    """
     using = using or router.db_for_write(OutboxEvent)
-    cutoff = timezone.now() - older_than
+    now = timezone.now()
     events = OutboxEvent.objects.using(using)
+    found: dict[str, QuerySet[OutboxEvent]] = {}
+    if older_than is not None:
+        found[Status.COMPLETED] = _completed(events, now - older_than, using)
+    failed_age = failed_older_than or (older_than if include_failed else None)
+    if failed_age is not None:
+        found[Status.FAILED] = _failed(events, now - failed_age)
+    return found
+
+
+def _completed(
+    events: QuerySet[OutboxEvent], cutoff: datetime, using: str
+) -> QuerySet[OutboxEvent]:
     completed = events.filter(status=Status.COMPLETED, completed_at__lt=cutoff)
     horizon = _horizon(events, cutoff, using)
     if horizon is not None:
         completed = completed.filter(pk__lt=horizon)
-    found: dict[str, QuerySet[OutboxEvent]] = {
-        Status.COMPLETED: completed.order_by("id")
-    }
-    if include_failed:
-        # outbox_status_idx: failed events, few next to the completed ones.
-        found[Status.FAILED] = events.filter(
-            status=Status.FAILED, created_at__lt=cutoff
-        ).order_by("id")
-    return found
+    return completed.order_by("id")
+
+
+def _failed(events: QuerySet[OutboxEvent], cutoff: datetime) -> QuerySet[OutboxEvent]:
+    # outbox_status_idx: failed events, few next to the completed ones.
+    failed_before = Q(failed_at__lt=cutoff) | Q(
+        failed_at__isnull=True, created_at__lt=cutoff
+    )
+    return events.filter(failed_before, status=Status.FAILED).order_by("id")
 
 
 def count_prunable(
-    *, older_than: timedelta, include_failed: bool = False, using: str | None = None
+    *,
+    older_than: timedelta | None,
+    include_failed: bool = False,
+    failed_older_than: timedelta | None = None,
+    using: str | None = None,
 ) -> dict[str, int]:
     """How many events prune() would delete now, by status (a dry run)."""
     using = using or router.db_for_write(OutboxEvent)
     selections = prunable(
-        older_than=older_than, include_failed=include_failed, using=using
+        older_than=older_than,
+        include_failed=include_failed,
+        failed_older_than=failed_older_than,
+        using=using,
     )
     with in_index_order(using):
         return {status: events.count() for status, events in selections.items()}
@@ -111,22 +144,27 @@ def _horizon(events: QuerySet[OutboxEvent], cutoff: datetime, using: str) -> int
 
 def prune(
     *,
-    older_than: timedelta,
+    older_than: timedelta | None,
     include_failed: bool = False,
+    failed_older_than: timedelta | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     max_batches: int | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     using: str | None = None,
 ) -> PruneResult:
-    """Delete completed (and failed) events older than older_than, in batches.
+    """Delete completed (and failed) events past their age, in batches.
 
-    progress(status, deleted_in_batch, deleted_in_total) is called after
-    each batch. max_batches bounds the work of one call (the worker's schedule).
+    The ages are read as prunable() reads them. progress(status,
+    deleted_in_batch, deleted_in_total) is called after each batch.
+    max_batches bounds the work of one call (the worker's schedule).
     """
     using = using or router.db_for_write(OutboxEvent)
     result = PruneResult()
     selections = prunable(
-        older_than=older_than, include_failed=include_failed, using=using
+        older_than=older_than,
+        include_failed=include_failed,
+        failed_older_than=failed_older_than,
+        using=using,
     )
     for status, selection in selections.items():
         # Past the ids of the batches already deleted: their index entries

@@ -24,8 +24,11 @@ from django.db import DatabaseError, connections
 from outbox.handling import Outcome, Run
 from outbox.leases import Leases
 from outbox.models import OutboxEvent
+from outbox.redaction import RedactTracebacks
 
 logger = logging.getLogger(__name__)
+# Its tracebacks can quote a database error's DETAIL line or an address.
+logger.addFilter(RedactTracebacks())
 
 Execute = Callable[[OutboxEvent], Run]
 

@@ -37,9 +37,12 @@ from outbox.leases import Leases
 from outbox.maintenance import Maintenance
 from outbox.models import Batch, OutboxEvent
 from outbox.recording import BatchResult, record
+from outbox.redaction import RedactTracebacks
 from outbox.slots import InlineSlots, ThreadedSlots
 
 logger = logging.getLogger(__name__)
+# Its tracebacks can quote a database error's DETAIL line or an address.
+logger.addFilter(RedactTracebacks())
 
 #: Pause between turns while every slot has an event queued: a turn (one
 #: commit) then records several outcomes instead of one.
@@ -105,6 +108,7 @@ class Worker:
             lease=self.lease,
             backoff=self.backoff,
             prune_after_days=self.settings.prune_after_days,
+            prune_failed_after_days=self.settings.prune_failed_after_days,
         )
 
     def stop(self) -> None:

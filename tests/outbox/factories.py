@@ -26,6 +26,7 @@ class OutboxEventFactory(factory.django.DjangoModelFactory[OutboxEvent]):
         failed = factory.Trait(
             status=Status.FAILED,
             attempts=10,
+            failed_at=factory.LazyFunction(timezone.now),
             last_error="ConnectionError: smtp down",
             history=factory.LazyFunction(
                 lambda: [

@@ -8,7 +8,9 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django.utils import timezone
 
+from outbox import PermanentFailure, publish
 from outbox.models import OutboxEvent, Status
+from outbox.operations import discard_events, retry_events
 from outbox.pruning import parse_duration, prune
 from outbox.worker import Worker
 from tests.outbox.factories import OutboxEventFactory
@@ -19,10 +21,12 @@ DAYS_AGO_10 = timedelta(days=10)
 
 
 def aged(event: OutboxEvent, age: timedelta = DAYS_AGO_10) -> OutboxEvent:
-    """Backdate the event's creation and completion by age."""
+    """Backdate the event's creation, and its completion or failure, by age."""
     then = timezone.now() - age
     OutboxEvent.objects.filter(pk=event.pk).update(
-        created_at=then, completed_at=then if event.completed_at else None
+        created_at=then,
+        completed_at=then if event.completed_at else None,
+        failed_at=then if event.failed_at else None,
     )
     return event
 
@@ -214,6 +218,72 @@ def test_worker__does_not_prune_by_default(mix, clock) -> None:
 
     assert "old_completed" in remaining(mix)
     assert Status.COMPLETED in OutboxEvent.objects.values_list("status", flat=True)
+
+
+def test_prune__ages_failed_events_from_when_they_failed() -> None:
+    # Created long ago, retried by an operator, failed again just now.
+    failed_again = aged(OutboxEventFactory.create(failed=True), timedelta(days=30))
+    OutboxEvent.objects.filter(pk=failed_again.pk).update(failed_at=timezone.now())
+    aged(OutboxEventFactory.create(failed=True))  # failed ten days ago
+    # Failed before failed_at existed: aged by its creation.
+    from_before = aged(OutboxEventFactory.create(failed=True))
+    OutboxEvent.objects.filter(pk=from_before.pk).update(failed_at=None)
+
+    result = prune(older_than=timedelta(days=7), include_failed=True)
+
+    assert result.failed == 2
+    assert list(OutboxEvent.objects.values_list("pk", flat=True)) == [failed_again.pk]
+
+
+def test_failed_at__is_set_when_an_event_fails_or_is_discarded_cleared_by_a_retry(
+    register_handler,
+) -> None:
+    def give_up(event: OutboxEvent) -> None:
+        raise PermanentFailure("no")
+
+    register_handler("gives.up", give_up)
+    event = publish("gives.up", {})
+    Worker(worker_id="w").run_once()
+    event.refresh_from_db()
+    assert event.status == Status.FAILED
+    assert event.failed_at is not None
+
+    retry_events(OutboxEvent.objects.filter(pk=event.pk), actor="op")
+    event.refresh_from_db()
+    assert (event.status, event.failed_at) == (Status.PENDING, None)
+
+    discard_events(OutboxEvent.objects.filter(pk=event.pk), actor="op")
+    event.refresh_from_db()
+    assert event.status == Status.FAILED
+    assert event.failed_at is not None
+
+
+def test_worker__prunes_failed_events_only_with_their_own_setting(mix, clock) -> None:
+    with override_settings(OUTBOX={"PRUNE_FAILED_AFTER_DAYS": "7"}):
+        maintenance = Worker(worker_id="pruner").maintenance
+        clock[0] += 60
+        maintenance.run_due()
+
+    assert remaining(mix) == set(mix) - {"old_failed"}
+
+
+@pytest.mark.parametrize(
+    ("completed_days", "failed_days", "pruned"),
+    [("30", "7", "old_failed"), ("7", "30", "old_completed")],
+)
+def test_worker__prunes_completed_and_failed_events_each_by_its_age(
+    mix, clock, completed_days, failed_days, pruned
+) -> None:
+    settings = {
+        "PRUNE_AFTER_DAYS": completed_days,
+        "PRUNE_FAILED_AFTER_DAYS": failed_days,
+    }
+    with override_settings(OUTBOX=settings):
+        maintenance = Worker(worker_id="pruner").maintenance
+        clock[0] += 60
+        maintenance.run_due()
+
+    assert remaining(mix) == set(mix) - {pruned}
 
 
 def test_setting__rejects_a_bad_prune_after_days() -> None:

@@ -21,7 +21,7 @@ class Command(BaseCommand):
             type=duration,
             required=True,
             help="Age of the events to delete: 30m, 12h, 7d (completed events by "
-            "completion time, failed ones by creation time).",
+            "completion time, failed ones by the time they failed).",
         )
         parser.add_argument(
             "--include-failed",
