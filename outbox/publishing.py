@@ -23,9 +23,11 @@ from outbox.storable import check_text, encode_json
 INSERT_CHUNK = 1000
 #: The largest max_attempts the column holds (an integer on PostgreSQL).
 MAX_ATTEMPTS_LIMIT = 2**31 - 1
+#: The text fields' column lengths, from the model: one home for the limit.
 _LENGTHS = {
-    name: OutboxEvent._meta.get_field(name).max_length or 0
-    for name in ("event_type", "key", "idempotency_key")
+    field.name: field.max_length or 0
+    for field in OutboxEvent._meta.concrete_fields
+    if field.name in ("event_type", "key", "idempotency_key")
 }
 
 
