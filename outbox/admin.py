@@ -20,17 +20,21 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_http_methods
 
 from outbox import monitoring, registry
 from outbox.models import OutboxEvent, OutboxWorker, Status
 from outbox.operations import OperationResult, discard_events, retry_events
+
+#: The field of the retry-all confirmation that carries the count shown.
+CONFIRMED_COUNT = "confirmed_count"
 
 STATUS_COLOURS = {
     Status.PENDING: "#2f6fb0",
@@ -240,24 +244,74 @@ class OutboxEventAdmin(admin.ModelAdmin):
         return reverse("admin:outbox_outboxevent_changelist") + query_string
 
     def retry_failed_view(self, request: HttpRequest) -> HttpResponse:
-        """Retry every failed event the changelist's filters and search match."""
-        return require_POST(self._retry_failed)(request)
+        """Retry every failed event the changelist's filters and search match.
+
+        A GET shows how many that is and asks; only the POST of that page,
+        carrying the count the operator saw, retries them.
+        """
+        return require_http_methods(["GET", "POST"])(self._retry_failed)(request)
 
     def _retry_failed(self, request: HttpRequest) -> HttpResponse:
-        if not self.has_retry_permission(request):
+        # Both: the view shows what the filter matches, and the retry acts on it.
+        if not (
+            self.has_view_permission(request) and self.has_retry_permission(request)
+        ):
             raise PermissionDenied
-        back = self._changelist_url(
-            "?" + request.GET.urlencode() if request.GET else ""
-        )
+        query = request.GET.urlencode()
+        back = self._changelist_url("?" + query if query else "")
         try:
             changelist = self.get_changelist_instance(request)
         except IncorrectLookupParameters:
             self.message_user(request, "Unknown filter.", messages.ERROR)
             return HttpResponseRedirect(back)
         failed = changelist.get_queryset(request).filter(status=Status.FAILED)
-        result = retry_events(failed, actor=_actor(request))
-        self._report(request, "Retried", result)
-        return HttpResponseRedirect(back)
+        # Discarded events are failed for good: retry_events skips them, so
+        # the count to confirm leaves them out.
+        retriable = failed.filter(discarded_at__isnull=True)
+        count = retriable.count()
+        if request.method == "POST" and request.POST.get(CONFIRMED_COUNT) == str(count):
+            result = retry_events(retriable, actor=_actor(request))
+            self._report(request, "Retried", result)
+            return HttpResponseRedirect(back)
+        # A count that changed since the page was shown (events failed or
+        # were retried meanwhile) is asked again: the operator confirms the
+        # number that will be retried, not an older one.
+        changed = request.method == "POST" and CONFIRMED_COUNT in request.POST
+        return self._confirm_retry_failed(
+            request,
+            count=count,
+            discarded=failed.count() - count,
+            changed=changed,
+            query=query,
+            back=back,
+        )
+
+    def _confirm_retry_failed(
+        self,
+        request: HttpRequest,
+        *,
+        count: int,
+        discarded: int,
+        changed: bool,
+        query: str,
+        back: str,
+    ) -> TemplateResponse:
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Retry all failed events matching this filter?",
+            "count": count,
+            "events": _events(count),
+            "discarded": discarded,
+            "count_changed": changed,
+            "confirmed_count_field": CONFIRMED_COUNT,
+            "action": reverse("admin:outbox_outboxevent_retry_failed")
+            + ("?" + query if query else ""),
+            "back": back,
+        }
+        return TemplateResponse(
+            request, "admin/outbox/outboxevent/retry_failed_confirmation.html", context
+        )
 
     def _report(self, request: HttpRequest, verb: str, result: OperationResult) -> None:
         """Record the changed events in the admin log and tell the operator."""

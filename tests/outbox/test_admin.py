@@ -1,8 +1,10 @@
 """The operator's console: outbox/admin.py."""
 
 import importlib
+import re
 from collections.abc import Callable
 from datetime import timedelta
+from html import unescape
 
 import pytest
 from django.apps.registry import Apps
@@ -345,13 +347,21 @@ def test_actions__are_refused_without_their_own_permission(
     assert not LogEntry.objects.exists()
 
 
+def confirm_retry_failed(client, query: str = ""):
+    """Open the confirmation page, as an operator does, and confirm its count."""
+    url = reverse(RETRY_FAILED) + query
+    page = client.get(url)
+    assert page.status_code == 200
+    return client.post(url, {"confirmed_count": page.context["count"]})
+
+
 def test_retry_failed_view__retries_every_failed_event_the_filter_matches(
     operator,
 ) -> None:
     mail = OutboxEventFactory.create_batch(3, failed=True, event_type="mail.send")
     sms = OutboxEventFactory.create(failed=True, event_type="sms.send")
 
-    response = operator.post(reverse(RETRY_FAILED) + "?event_type=mail.send")
+    response = confirm_retry_failed(operator, "?event_type=mail.send")
 
     assert response.status_code == 302
     assert response["Location"].endswith("?event_type=mail.send")
@@ -359,6 +369,29 @@ def test_retry_failed_view__retries_every_failed_event_the_filter_matches(
     assert {statuses[event.pk] for event in mail} == {Status.PENDING}
     assert statuses[sms.pk] == Status.FAILED
     assert LogEntry.objects.count() == 3
+    assert {entry.get_change_message() for entry in LogEntry.objects.all()} == {
+        "Retried (operator action)."
+    }
+
+
+def test_retry_failed_view__its_page_confirms_with_a_csrf_checked_post(
+    operator, django_user_model, django_username_field
+) -> None:
+    """The page's own form, posted as a browser would, with CSRF enforced."""
+    OutboxEventFactory.create_batch(2, failed=True)
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(
+        django_user_model.objects.get(**{django_username_field: "operator@example.com"})
+    )
+    html = browser.get(reverse(RETRY_FAILED)).content.decode()
+    form = re.search(r'<form method="post" action="([^"]*)">(.*?)</form>', html, re.S)
+    assert form is not None
+    fields = dict(re.findall(r'name="(\w+)" value="([^"]*)"', form[2]))
+
+    response = browser.post(unescape(form[1]), fields)
+
+    assert response.status_code == 302
+    assert OutboxEvent.objects.filter(status=Status.PENDING).count() == 2
 
 
 def test_retry_failed_view__is_shown_to_operators(operator) -> None:
@@ -371,41 +404,99 @@ def test_retry_failed_view__leaves_events_waiting_for_their_retry(operator) -> N
     later = timezone.now() + timedelta(hours=1)
     waiting = OutboxEventFactory.create(attempts=3, available_at=later)
 
-    operator.post(reverse(RETRY_FAILED))
+    confirm_retry_failed(operator)
 
     waiting.refresh_from_db()
     assert (waiting.attempts, waiting.available_at) == (3, later)
     assert not LogEntry.objects.exists()
 
 
-def test_retry_failed_view__refuses_a_get(operator) -> None:
-    event = OutboxEventFactory.create(failed=True)
+def test_retry_failed_view__a_get_shows_the_count_and_retries_nothing(
+    operator,
+) -> None:
+    OutboxEventFactory.create_batch(2, failed=True, event_type="mail.send")
+    OutboxEventFactory.create(failed=True, event_type="sms.send")
+    discarded = OutboxEventFactory.create(failed=True, event_type="mail.send")
+    discard_events([discarded.pk], actor="someone")
+
+    response = operator.get(reverse(RETRY_FAILED) + "?event_type=mail.send")
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert response.context["count"] == 2
+    assert '<strong data-count="retry">2</strong> failed events' in html
+    assert 'value="Yes, retry 2 events"' in html
+    assert "1 discarded event matches this filter too" in html
+    assert reverse(RETRY_FAILED) + "?event_type=mail.send" in html  # posts there
+    assert set(OutboxEvent.objects.values_list("status", flat=True)) == {Status.FAILED}
+    assert not LogEntry.objects.exists()
+
+
+def test_retry_failed_view__says_when_nothing_matches(operator) -> None:
+    OutboxEventFactory.create(completed=True)
 
     response = operator.get(reverse(RETRY_FAILED))
 
-    assert response.status_code == 405
-    event.refresh_from_db()
-    assert event.status == Status.FAILED
+    assert response.context["count"] == 0
+    html = response.content.decode()
+    assert "No failed event to retry matches this filter" in html
+    assert "confirmed_count" not in html
 
 
-def test_retry_failed_view__is_refused_without_the_retry_permission(
-    make_staff,
+def test_retry_failed_view__a_post_without_the_confirmation_retries_nothing(
+    operator,
 ) -> None:
-    client = make_staff(
-        "discarder", permissions=("view_outboxevent", "discard_outboxevent")
-    )
     event = OutboxEventFactory.create(failed=True)
 
-    response = client.post(reverse(RETRY_FAILED))
+    response = operator.post(reverse(RETRY_FAILED))
 
-    assert response.status_code == 403
+    assert response.status_code == 200
+    assert response.context["count"] == 1
+    event.refresh_from_db()
+    assert event.status == Status.FAILED
+    assert not LogEntry.objects.exists()
+
+
+def test_retry_failed_view__asks_again_when_the_count_changed(operator) -> None:
+    OutboxEventFactory.create_batch(2, failed=True)
+    url = reverse(RETRY_FAILED)
+    assert operator.get(url).context["count"] == 2
+    OutboxEventFactory.create(failed=True)  # fails while the page is open
+
+    again = operator.post(url, {"confirmed_count": "2"})
+
+    assert again.status_code == 200
+    assert again.context["count"] == 3
+    assert "changed since the page was shown" in again.content.decode()
+    assert OutboxEvent.objects.filter(status=Status.FAILED).count() == 3
+    assert operator.post(url, {"confirmed_count": "3"}).status_code == 302
+    assert OutboxEvent.objects.filter(status=Status.PENDING).count() == 3
+
+
+@pytest.mark.parametrize(
+    "permissions",
+    [
+        pytest.param(("view_outboxevent", "discard_outboxevent"), id="no-retry"),
+        pytest.param(("retry_outboxevent",), id="no-view"),
+    ],
+)
+def test_retry_failed_view__needs_both_the_view_and_the_retry_permission(
+    make_staff, permissions
+) -> None:
+    client = make_staff("half", permissions=permissions)
+    event = OutboxEventFactory.create(failed=True)
+
+    shown = client.get(reverse(RETRY_FAILED))
+    posted = client.post(reverse(RETRY_FAILED), {"confirmed_count": "1"})
+
+    assert (shown.status_code, posted.status_code) == (403, 403)
     event.refresh_from_db()
     assert event.status == Status.FAILED
     assert not LogEntry.objects.exists()
 
 
 def test_retry_failed_view__reports_an_unknown_filter(operator) -> None:
-    response = operator.post(reverse(RETRY_FAILED) + "?nonsense=1", follow=True)
+    response = operator.get(reverse(RETRY_FAILED) + "?nonsense=1", follow=True)
 
     assert "Unknown filter." in response.content.decode()
 
