@@ -16,6 +16,7 @@ from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
 
 from outbox import publish
+from outbox.handling import Outcome, Run
 from outbox.leases import Leases
 from outbox.models import OutboxEvent, Status
 from outbox.redaction import redact
@@ -207,7 +208,7 @@ def test_failed_slot__logs_its_traceback_redacted(monkeypatch, caplog) -> None:
     monkeypatch.setattr("outbox.slots.start_one", start_one)
     slots = ThreadedSlots(
         0,  # no threads: the test calls the slot's body itself
-        execute=lambda event: None,
+        execute=lambda event: Run(event, Outcome.COMPLETED),
         leases=Leases(using="default", duration=timedelta(seconds=1)),
         using="default",
         stopping=threading.Event(),
