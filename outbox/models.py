@@ -12,6 +12,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from outbox.redaction import redact
+from outbox.storable import storable
 
 #: Entries kept in OutboxEvent.history; older ones are dropped first.
 HISTORY_LIMIT = 25
@@ -223,17 +224,16 @@ class OutboxEvent(models.Model):
         The message is redacted first (outbox.redaction): no email address,
         no value PostgreSQL quotes in a DETAIL line, outlives the attempt.
         """
-        message = _truncate(redact(str(error)))
-        self.last_error = (
-            f"{_error_class(error)}: {message}" if message else (_error_class(error))
-        )
+        message = storable(_truncate(redact(str(error))))
+        error_class = storable(_error_class(error))
+        self.last_error = f"{error_class}: {message}" if message else error_class
         self.history = [
             *self.history,
             {
                 "attempt": self.attempts,
                 "at": timezone.now().isoformat(),
                 "worker": worker,
-                "error": _error_class(error),
+                "error": error_class,
                 "message": message,
             },
         ][-HISTORY_LIMIT:]

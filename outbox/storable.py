@@ -21,6 +21,9 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 #: Outside strings JSON has no backslash and inside one every backslash
 #: starts an escape, so scanning escape by escape never starts mid-escape.
 _ESCAPE = re.compile(r"\\(?:u([0-9a-f]{4})|.)")
+#: The escapes worth a closer look: NUL and surrogates (U+D800 to U+DFFF),
+#: not the Hangul syllables just below them.
+_MAYBE_UNSTORABLE = re.compile(r"\\u(?:0000|d[89a-f])")
 
 
 def check_text(value: object, *, name: str, limit: int) -> str:
@@ -70,14 +73,28 @@ def encode_json(payload: Any, *, name: str, max_bytes: int | None) -> str:
     return text
 
 
+def storable(text: str) -> str:
+    """Return text with what PostgreSQL cannot store written as escapes.
+
+    For texts the outbox writes itself and must keep, not refuse: an error
+    message with a NUL or a lone surrogate in it (a handler's ValueError
+    quoting a bad byte) would otherwise fail the statement that records the
+    outcome, and with it every turn after.
+    """
+    if _UNSTORABLE.search(text) is None:
+        return text
+    escaped = text.replace("\x00", "\\x00")
+    return escaped.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _unstorable_escape(text: str) -> int | None:
     """Return the code point of the first escape jsonb refuses, or None.
 
     \\u0000, and a surrogate escape that is not half of a pair (a character
     beyond U+FFFF is written as a high and a low surrogate escape, adjacent).
     """
-    if "\\u0000" not in text and "\\ud" not in text:
-        return None  # the usual case, at the cost of two substring searches
+    if _MAYBE_UNSTORABLE.search(text) is None:
+        return None  # the usual case, Hangul and emoji included
     high: tuple[int, int] | None = None  # (code point, end) awaiting its low half
     for match in _ESCAPE.finditer(text):
         code = int(match[1], 16) if match[1] else None

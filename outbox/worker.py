@@ -31,7 +31,7 @@ from typing import Protocol
 
 from django.db import connections, router, transaction
 
-from outbox.conf import OutboxSettings, get_settings
+from outbox.conf import OutboxSettings, check_worker_id, get_settings
 from outbox.handling import Backoff, Run, run_event
 from outbox.leases import Leases
 from outbox.maintenance import Maintenance
@@ -89,7 +89,10 @@ class Worker:
         settings: OutboxSettings | None = None,
     ) -> None:
         self.settings = settings or get_settings()
-        self.worker_id = worker_id or self.settings.default_worker_id
+        # Refused here, not by the first claim, which would fail writing it.
+        self.worker_id = check_worker_id(
+            worker_id or self.settings.default_worker_id, name="worker_id"
+        )
         self.batch_size = batch_size or self.settings.batch_size
         self.concurrency = concurrency or self.settings.concurrency
         self.lease = timedelta(

@@ -136,6 +136,34 @@ def test_smtp_refusal__stores_no_address_in_the_error_or_the_history(
     assert ADDRESS not in logged_texts(caplog)
 
 
+def quote_a_bad_byte(event: OutboxEvent) -> None:
+    raise ValueError("bad byte \x00 and half a pair \ud800 in the input")
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_error_message_postgresql_cannot_store__is_kept_escaped_and_the_batch_goes_on(
+    register_handler,
+) -> None:
+    # A NUL or a lone surrogate in the message failed the statement that
+    # records the batch's outcomes, and with it every turn after.
+    register_handler("input.parse", quote_a_bad_byte)
+    register_handler("input.fine", lambda event: None)
+    bad = publish("input.parse", {})
+    good = publish("input.fine", {})
+
+    result = Worker(worker_id="w", batch_size=10).run_once()
+
+    assert (result.retried, result.completed) == (1, 1)
+    bad.refresh_from_db()
+    good.refresh_from_db()
+    assert good.status == Status.COMPLETED
+    assert bad.last_error == (
+        "ValueError: bad byte \\x00 and half a pair \\ud800 in the input"
+    )
+    assert bad.history[-1]["message"] == bad.last_error.split(": ", 1)[1]
+
+
 @pytest.mark.django_db
 def test_unique_violation__stores_no_detail_line_in_the_error_or_the_history(
     register_handler, caplog

@@ -170,6 +170,14 @@ def test_check__rejects_a_worker_id_its_columns_cannot_hold(worker_id, message) 
     assert "OUTBOX_WORKER_ID" in error.msg
 
 
+def test_worker__refuses_a_worker_id_its_columns_cannot_hold() -> None:
+    """drain() and code that builds a Worker get the command's check."""
+    from outbox.worker import Worker
+
+    with pytest.raises(ValueError, match="worker_id is 201 characters long"):
+        Worker(worker_id="w" * 201)
+
+
 @pytest.mark.sqlite
 @pytest.mark.parametrize(
     ("worker_id", "message"),
