@@ -111,9 +111,9 @@ def parse(request: HttpRequest, form_class: type[forms.Form]) -> dict[str, Any]:
         {name: data[name] for name in form_class.base_fields if name in data}
     )
     wrong = {
-        name: [_wrong_value(value)]
+        name: [problem]
         for name, value in form.data.items()
-        if _wrong_value(value)
+        if (problem := _wrong_value(value))
     }
     if wrong:
         raise BadRequest(wrong)

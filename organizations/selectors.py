@@ -31,11 +31,17 @@ def membership_in(user: User, slug: str, *, roles: tuple[str, ...] = ()) -> Memb
         .select_related("organization")
         .first()
     )
-    if membership is None:
-        raise NotFound("No such organization.")
-    if roles and membership.role not in roles:
-        raise Forbidden(f"This needs the role {' or '.join(roles)}.")
+    check_role(membership.role if membership else None, roles)
+    assert membership is not None  # noqa: S101 - check_role refused None
     return membership
+
+
+def check_role(role: str | None, roles: tuple[str, ...] = ()) -> None:
+    """Refuse a caller who is no member (404) or, given roles, lacks them (403)."""
+    if role is None:
+        raise NotFound("No such organization.")
+    if roles and role not in roles:
+        raise Forbidden(f"This needs the role {' or '.join(roles)}.")
 
 
 def members_of(membership: Membership) -> QuerySet[Membership]:

@@ -42,7 +42,7 @@ from organizations.models import (
     Project,
     Role,
 )
-from organizations.selectors import ADMIN, WRITERS
+from organizations.selectors import ADMIN, WRITERS, check_role
 from organizations.tokens import read_invitation_token
 from outbox import publish
 from users.models import User
@@ -294,10 +294,7 @@ def _require_role(
         .values_list("role", flat=True)
         .first()
     )
-    if role is None:
-        raise NotFound("No such organization.")
-    if role not in roles:
-        raise Forbidden(f"This needs the role {' or '.join(roles)}.")
+    check_role(role, roles)
 
 
 def _revoke_invitations_sent_by(
