@@ -30,6 +30,8 @@ POSITIVE_INTEGERS = (
 #: The longest worker id: the columns that record it (OutboxEvent.locked_by,
 #: OutboxWorker.worker_id) are varchar(200).
 WORKER_ID_MAX_LENGTH = 200
+#: The longest queue name: OutboxEvent.queue_name is varchar(200).
+QUEUE_NAME_MAX_LENGTH = 200
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,16 @@ def check_worker_id(value: object, *, name: str) -> str:
     from outbox.storable import check_text
 
     return check_text(value, name=name, limit=WORKER_ID_MAX_LENGTH)
+
+
+def check_queue_name(value: object, *, name: str) -> str:
+    """Return value if it can name a queue; raise ValueError or TypeError."""
+    from outbox.storable import check_text
+
+    text = check_text(value, name=name, limit=QUEUE_NAME_MAX_LENGTH)
+    if not text.strip():
+        raise ValueError(f"{name} must not be empty.")
+    return text
 
 
 def _worker_id_problems(value: object) -> list[str]:

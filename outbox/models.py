@@ -1,8 +1,9 @@
 import secrets
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from traceback import format_exception
 from typing import Any, ClassVar
 
 from django.core.serializers.json import DjangoJSONEncoder
@@ -18,6 +19,12 @@ from outbox.storable import storable
 HISTORY_LIMIT = 25
 #: Characters of an error message kept in last_error and the history.
 MESSAGE_LIMIT = 1000
+#: Characters of a failed attempt's traceback kept in the history: its end,
+#: where the frame that raised and the exception are.
+TRACEBACK_LIMIT = 4000
+#: The queue of events published without one, and of django.tasks' tasks
+#: (django.tasks.DEFAULT_TASK_QUEUE_NAME).
+DEFAULT_QUEUE = "default"
 
 
 class Status(models.TextChoices):
@@ -33,15 +40,29 @@ OPEN_TO_OPERATORS = (Status.PENDING, Status.PROCESSING, Status.FAILED)
 
 
 class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
-    def ready(self) -> "OutboxEventQuerySet":
+    def ready(self, queues: Collection[str] = ()) -> "OutboxEventQuerySet":
         """Return events a worker may claim now, oldest first.
 
         An event that waits behind an earlier event of its key is not ready;
-        the filter matches the partial index outbox_ready_idx exactly.
+        the filter matches the partial index outbox_ready_idx exactly. Given
+        queues, only events of those queues: one queue is read from
+        outbox_ready_queue_idx, in order.
         """
-        return self.filter(
+        ready = self.filter(
             status=Status.PENDING, waiting=False, available_at__lte=Now()
-        ).order_by("available_at", "id")
+        )
+        if len(queues) == 1:
+            # The same order, spelled so that only outbox_ready_queue_idx
+            # gives it unsorted: the claim, planned with sorts off, reads that
+            # index whatever the statistics say of the queue's share. (With
+            # queue_name = 'x', PostgreSQL would drop the column from the
+            # order and could read outbox_ready_idx past other queues' rows.)
+            return ready.filter(queue_name__outbox_any=list(queues)).order_by(
+                "queue_name", "available_at", "id"
+            )
+        if queues:
+            ready = ready.filter(queue_name__in=sorted(queues))
+        return ready.order_by("available_at", "id")
 
     def expired(self) -> "OutboxEventQuerySet":
         """Return events whose worker's lease has run out (the worker died)."""
@@ -51,20 +72,33 @@ class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
         """Return the pending or processing events of key."""
         return self.filter(key=key, status__in=UNFINISHED)
 
-    def claim(self, *, worker_id: str, limit: int, lease: timedelta) -> "Batch":
+    def claim(
+        self,
+        *,
+        worker_id: str,
+        limit: int,
+        lease: timedelta,
+        queues: Collection[str] = (),
+    ) -> "Batch":
         """Lock up to limit ready events and lease them to worker_id.
 
         One statement, in the caller's transaction or, in autocommit, one of
         its own: the events are locked with SELECT ... FOR UPDATE SKIP LOCKED
         and marked processing, attempt counted, under a fresh lease token,
-        the fence every outcome of the batch is written on.
+        the fence every outcome of the batch is written on. Given queues, only
+        events of those queues.
         """
         # statements builds its SQL from this module's model, so it comes late.
         from outbox import statements
 
         token = secrets.randbits(63)
         events = statements.claim(
-            using=self.db, limit=limit, worker_id=worker_id, token=token, lease=lease
+            using=self.db,
+            limit=limit,
+            worker_id=worker_id,
+            token=token,
+            lease=lease,
+            queues=tuple(sorted(queues)),
         )
         return Batch(events=events, token=token)
 
@@ -100,6 +134,10 @@ class OutboxEvent(models.Model):
     idempotency_key = models.CharField(  # noqa: DJ001
         max_length=200, null=True, blank=True
     )
+    # A worker started with --queue claims only its queues' events.
+    queue_name = models.CharField(
+        max_length=200, default=DEFAULT_QUEUE, db_default=DEFAULT_QUEUE
+    )
     status = models.CharField(
         max_length=16, choices=Status.choices, default=Status.PENDING
     )
@@ -121,6 +159,9 @@ class OutboxEvent(models.Model):
     # nothing.
     lease_token = models.BigIntegerField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(db_default=Now())
+    # Written by the claim: its first attempt's, and its latest.
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_attempted_at = models.DateTimeField(null=True, blank=True)
     completed_at = models.DateTimeField(null=True, blank=True)
     # Pruning ages failed events from here, not from created_at: an event an
     # operator retried last week and that failed again today is today's
@@ -137,8 +178,9 @@ class OutboxEvent(models.Model):
         default=list,
         blank=True,
         encoder=DjangoJSONEncoder,
-        help_text="One entry per failed attempt (when, worker, error class and "
-        "message) or operator action (when, who, what). Never the payload.",
+        help_text="One entry per failed attempt (when, worker, error class, "
+        "message and traceback) or operator action (when, who, what). Never "
+        "the payload.",
     )
     discarded_at = models.DateTimeField(
         null=True,
@@ -146,6 +188,9 @@ class OutboxEvent(models.Model):
         help_text="When an operator discarded the event; it never runs again.",
     )
     discarded_by = models.CharField(max_length=200, blank=True, default="")
+    # What a django.tasks task returned (outbox.tasks); NULL for None, and
+    # for events.
+    result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
 
     objects = OutboxEventQuerySet.as_manager()
 
@@ -162,6 +207,12 @@ class OutboxEvent(models.Model):
                 fields=("available_at", "id"),
                 condition=Q(status=Status.PENDING, waiting=False),
                 name="outbox_ready_idx",
+            ),
+            # The claim of a worker started with one --queue.
+            models.Index(
+                fields=("queue_name", "available_at", "id"),
+                condition=Q(status=Status.PENDING, waiting=False),
+                name="outbox_ready_queue_idx",
             ),
             # The rescue of events whose worker died.
             models.Index(
@@ -227,16 +278,19 @@ class OutboxEvent(models.Model):
         message = storable(_truncate(redact(str(error))))
         error_class = storable(_error_class(error))
         self.last_error = f"{error_class}: {message}" if message else error_class
-        self.history = [
-            *self.history,
-            {
-                "attempt": self.attempts,
-                "at": timezone.now().isoformat(),
-                "worker": worker,
-                "error": error_class,
-                "message": message,
-            },
-        ][-HISTORY_LIMIT:]
+        entry = {
+            "attempt": self.attempts,
+            "at": timezone.now().isoformat(),
+            "worker": worker,
+            "error": error_class,
+            "message": message,
+        }
+        if error.__traceback__ is not None:
+            text = redact("".join(format_exception(error)))
+            if len(text) > TRACEBACK_LIMIT:
+                text = "…" + text[-(TRACEBACK_LIMIT - 1) :]
+            entry["traceback"] = storable(text)
+        self.history = [*self.history, entry][-HISTORY_LIMIT:]
 
     def schedule_retry(self, *, delay: timedelta) -> bool:
         """Return the claimed event to pending, available after delay.
@@ -350,6 +404,26 @@ def _error_class(error: BaseException) -> str:
 
 def _truncate(text: str) -> str:
     return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 1] + "…"
+
+
+class AnyOf(models.Lookup):
+    """column = ANY(array) on PostgreSQL, IN elsewhere: see ready()."""
+
+    lookup_name = "outbox_any"
+    prepare_rhs = False  # a list of names, not one
+
+    def as_sql(self, compiler: Any, connection: Any) -> tuple[str, Any]:
+        lhs, lhs_params = self.process_lhs(compiler, connection)
+        values = list(self.rhs)
+        marks = ", ".join(["%s"] * len(values))
+        return f"{lhs} IN ({marks})", [*lhs_params, *values]
+
+    def as_postgresql(self, compiler: Any, connection: Any) -> tuple[str, list[Any]]:
+        lhs, lhs_params = self.process_lhs(compiler, connection)
+        return f"{lhs} = ANY(%s::text[])", [*lhs_params, list(self.rhs)]
+
+
+OutboxEvent._meta.get_field("queue_name").register_instance_lookup(AnyOf)
 
 
 class OutboxWorker(models.Model):

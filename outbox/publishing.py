@@ -14,8 +14,8 @@ from typing import Any
 from django.db import IntegrityError, connections, router, transaction
 
 from outbox import ordering
-from outbox.conf import OutboxSettings, get_settings
-from outbox.models import OutboxEvent
+from outbox.conf import OutboxSettings, check_queue_name, get_settings
+from outbox.models import DEFAULT_QUEUE, OutboxEvent
 from outbox.registry import get_handler
 from outbox.storable import check_text, encode_json
 
@@ -41,6 +41,7 @@ class NewEvent:
     idempotency_key: str | None = None
     available_at: datetime | None = None
     max_attempts: int | None = None
+    queue: str | None = None
 
     def build(self) -> OutboxEvent:
         """Validate the event and return it as an unsaved row.
@@ -59,6 +60,8 @@ class NewEvent:
             _check_text("idempotency_key", self.idempotency_key)
         if self.max_attempts is not None:
             _check_max_attempts(self.max_attempts)
+        if self.queue is not None:
+            check_queue_name(self.queue, name="publish(queue=...)")
         # Encoded once, for its checks only: JSONField encodes it again to
         # save, and handing it the text would mean a field of our own.
         encode_json(
@@ -73,6 +76,7 @@ class NewEvent:
             idempotency_key=self.idempotency_key,
             max_attempts=self.max_attempts
             or _default_max_attempts(self.event_type, settings),
+            queue_name=self.queue or DEFAULT_QUEUE,
         )
         if self.available_at is not None:
             event.available_at = self.available_at
@@ -87,6 +91,7 @@ def publish(
     idempotency_key: str | None = None,
     available_at: datetime | None = None,
     max_attempts: int | None = None,
+    queue: str | None = None,
 ) -> OutboxEvent:
     """Write an event in the caller's transaction and return it.
 
@@ -98,9 +103,11 @@ def publish(
     payload, or a payload over OUTBOX_MAX_PAYLOAD_BYTES. Publishing an
     idempotency_key that exists returns the existing event and writes nothing.
     Events with the same key are handled one at a time, in publish order.
+    A worker started with --queue claims only its queues' events; without
+    one, the event is in the queue named "default".
     """
     event = NewEvent(
-        event_type, payload, key, idempotency_key, available_at, max_attempts
+        event_type, payload, key, idempotency_key, available_at, max_attempts, queue
     ).build()
     using = router.db_for_write(OutboxEvent)
     # A plain event needs no transaction of its own: in autocommit mode its

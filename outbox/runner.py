@@ -117,12 +117,13 @@ class Runner:
             )
         settings = self.worker.settings
         logger.info(
-            "outbox worker started: id=%s pid=%d concurrency=%d batch_size=%d "
-            "poll_ms=%d "
+            "outbox worker started: id=%s pid=%d queues=%s concurrency=%d "
+            "batch_size=%d poll_ms=%d "
             "stuck_timeout_ms=%d max_attempts=%d backoff_ms=%d..%d listen=%s "
             "drain=%s max_events=%s shutdown_timeout_s=%g",
             self.worker.worker_id,
             os.getpid(),
+            ",".join(self.worker.queues) or "*",
             self.worker.concurrency,
             self.worker.batch_size,
             self.options.poll_ms,

@@ -77,17 +77,24 @@ def _interval(using: str, duration: timedelta) -> Any:
 
 
 def claim(
-    *, using: str, limit: int, worker_id: str, token: int, lease: timedelta
+    *,
+    using: str,
+    limit: int,
+    worker_id: str,
+    token: int,
+    lease: timedelta,
+    queues: tuple[str, ...] = (),
 ) -> list[OutboxEvent]:
     """Lock up to limit ready events and lease them, in one statement.
 
     In autocommit it opens a transaction of its own (see in_index_order()).
     Returns the events as claimed (processing, attempt counted, the token
-    set), oldest first.
+    set, started_at and last_attempted_at stamped), oldest first. Given
+    queues (sorted), only events of those queues.
     """
-    sql = _claim_sql(using, limit)
+    sql = _claim_sql(using, limit, queues)
     params = [
-        *_ready_sql(using, limit)[1],
+        *_ready_sql(using, limit, queues)[1],
         Status.PROCESSING,
         worker_id,
         _interval(using, lease),
@@ -151,7 +158,7 @@ def in_index_order(using: str) -> Iterator[None]:
 
 
 @functools.cache
-def _claim_sql(using: str, limit: int) -> str:
+def _claim_sql(using: str, limit: int, queues: tuple[str, ...]) -> str:
     n = _names(using)
     # Every column but the history, read only on failure (and then loaded).
     returned = ", ".join(
@@ -159,22 +166,27 @@ def _claim_sql(using: str, limit: int) -> str:
     )
     # MATERIALIZED: the locking read runs once, before the UPDATE, whatever
     # the planner would make of it inlined.
+    now = _NOW[_vendor(using)]
     return (
-        f"WITH claimed AS MATERIALIZED ({_ready_sql(using, limit)[0]}) "  # noqa: S608
+        f"WITH claimed AS MATERIALIZED ({_ready_sql(using, limit, queues)[0]}) "  # noqa: S608
         f"UPDATE {n['table']} SET {n['status']} = %s, "
         f"{n['attempts']} = {n['attempts']} + 1, {n['locked_by']} = %s, "
-        f"{n['locked_until']} = {_LATER[_vendor(using)]}, {n['lease_token']} = %s "
+        f"{n['locked_until']} = {_LATER[_vendor(using)]}, {n['lease_token']} = %s, "
+        f"{n['started_at']} = COALESCE({n['started_at']}, {now}), "
+        f"{n['last_attempted_at']} = {now} "
         f"WHERE {n['id']} {_CLAIMED_IDS[_vendor(using)]} "
         f"RETURNING {returned}"
     )
 
 
 @functools.cache
-def _ready_sql(using: str, limit: int) -> tuple[str, tuple[Any, ...]]:
+def _ready_sql(
+    using: str, limit: int, queues: tuple[str, ...]
+) -> tuple[str, tuple[Any, ...]]:
     """Compile the ORM's SELECT id ... FOR UPDATE SKIP LOCKED once per limit."""
     ready = (
         OutboxEvent.objects.using(using)
-        .ready()
+        .ready(queues)
         .select_for_update(skip_locked=True)
         .values("pk")[:limit]
     )
@@ -223,8 +235,10 @@ def _fenced_sql(using: str, count: int, change: str) -> str:
     assignments = {
         "complete": f"{n['status']} = %s, {n['completed_at']} = "
         f"{_NOW[_vendor(using)]}, {n['locked_until']} = NULL",
+        # Never started: as if never claimed, its first start included.
         "release": f"{n['status']} = %s, {n['attempts']} = {n['attempts']} - 1, "
-        f"{n['locked_by']} = %s, {n['locked_until']} = NULL",
+        f"{n['locked_by']} = %s, {n['locked_until']} = NULL, {n['started_at']} = "
+        f"CASE WHEN {n['attempts']} = 1 THEN NULL ELSE {n['started_at']} END",
         "extend": f"{n['locked_until']} = {_LATER[_vendor(using)]}",
     }[change]
     # S608: the names come from the model's metadata; values are parameters.

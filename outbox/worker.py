@@ -23,7 +23,7 @@ the next (ordering.py).
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from datetime import timedelta
 from functools import partial
@@ -31,7 +31,12 @@ from typing import Protocol
 
 from django.db import connections, router, transaction
 
-from outbox.conf import OutboxSettings, check_worker_id, get_settings
+from outbox.conf import (
+    OutboxSettings,
+    check_queue_name,
+    check_worker_id,
+    get_settings,
+)
 from outbox.handling import Backoff, Run, run_event
 from outbox.leases import Leases
 from outbox.maintenance import Maintenance
@@ -86,12 +91,17 @@ class Worker:
         batch_size: int | None = None,
         stuck_timeout_ms: int | None = None,
         concurrency: int | None = None,
+        queues: Collection[str] = (),
         settings: OutboxSettings | None = None,
     ) -> None:
         self.settings = settings or get_settings()
         # Refused here, not by the first claim, which would fail writing it.
         self.worker_id = check_worker_id(
             worker_id or self.settings.default_worker_id, name="worker_id"
+        )
+        #: The queues whose events it claims; empty: every queue.
+        self.queues = tuple(
+            sorted({check_queue_name(name, name="queues") for name in queues})
         )
         self.batch_size = batch_size or self.settings.batch_size
         self.concurrency = concurrency or self.settings.concurrency
@@ -253,7 +263,7 @@ class Worker:
 
     def _claim(self, limit: int) -> Batch:
         return OutboxEvent.objects.using(self.using).claim(
-            worker_id=self.worker_id, limit=limit, lease=self.lease
+            worker_id=self.worker_id, limit=limit, lease=self.lease, queues=self.queues
         )
 
     # -- one batch at a time, in the caller's thread (tests) -------------------

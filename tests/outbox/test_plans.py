@@ -118,6 +118,23 @@ def test_claim__reads_the_ready_index_in_order(backlog: None) -> None:
     assert_bounded(taken, statements=1, rows=100)
 
 
+def test_claim_of_one_queue__reads_its_own_index_past_the_others_backlog(
+    backlog: None,
+) -> None:
+    """A --queue worker does not step over the backlog of other queues."""
+    with connection.cursor() as cursor:
+        _insert(cursor, FEW, queue="reports")
+
+    with plans() as taken:
+        batch = OutboxEvent.objects.claim(
+            worker_id="w", limit=32, lease=timedelta(seconds=30), queues=["reports"]
+        )
+
+    assert len(batch) == 32
+    assert {event.queue_name for event in batch} == {"reports"}
+    assert_bounded(taken, statements=1, rows=100)
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("state", STATES, ids=lambda state: state.__name__)
 def test_claim_in_autocommit__reads_the_ready_index_in_order(
@@ -312,16 +329,18 @@ def _insert(
     waiting: bool = False,
     locked_until: str = "NULL",
     created_at: str = "now()",
+    queue: str = "default",
 ) -> None:
     completed_at = created_at if status == "completed" else "NULL"
     # S608: the values are the test's own constants.
     cursor.execute(
         f"INSERT INTO {TABLE} (uuid, event_type, payload, key, status, waiting, "  # noqa: S608
         "attempts, max_attempts, available_at, locked_by, locked_until, "
-        "lease_token, created_at, completed_at, last_error, history, discarded_by) "
+        "lease_token, created_at, completed_at, last_error, history, discarded_by, "
+        "queue_name) "
         "SELECT gen_random_uuid(), 'plan.test', '{}', %s, %s, %s, 1, 5, "
         "now() - interval '1 hour' + g * interval '1 ms', 'dead', "
-        f"{locked_until}, 1, {created_at}, {completed_at}, '', '[]', '' "
+        f"{locked_until}, 1, {created_at}, {completed_at}, '', '[]', '', %s "
         "FROM generate_series(1, %s) g",
-        [key, status, waiting, count],
+        [key, status, waiting, queue, count],
     )

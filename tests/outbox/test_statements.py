@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.sqlite, pytest.mark.django_db]
 
 def test_ready_sql__is_the_orms_locking_read() -> None:
     with transaction.atomic():
-        sql, params = statements._ready_sql("default", 7)
+        sql, params = statements._ready_sql("default", 7, ())
 
     assert sql.lstrip().upper().startswith("SELECT")
     assert "LIMIT 7" in sql.upper()

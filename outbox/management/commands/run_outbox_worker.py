@@ -4,7 +4,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections, router
 
-from outbox.conf import check_worker_id, get_settings
+from outbox.conf import check_queue_name, check_worker_id, get_settings
 from outbox.management.arguments import positive_int, positive_seconds
 from outbox.models import OutboxEvent
 from outbox.runner import Runner, RunOptions
@@ -49,6 +49,15 @@ class Command(BaseCommand):
             help="Name recorded on claimed events (default: <host>-<pid>).",
         )
         parser.add_argument(
+            "--queue",
+            action="append",
+            dest="queues",
+            metavar="NAME",
+            default=[],
+            help="Claim only events of this queue (repeatable; default: every "
+            "queue). publish() and tasks without a queue_name use 'default'.",
+        )
+        parser.add_argument(
             "--drain",
             action="store_true",
             help="Exit 0 once no event is ready (default: run until stopped).",
@@ -75,6 +84,7 @@ class Command(BaseCommand):
         poll_ms: int,
         stuck_timeout_ms: int,
         worker_id: str,
+        queues: list[str],
         drain: bool,
         max_events: int | None,
         shutdown_timeout: float,
@@ -87,6 +97,8 @@ class Command(BaseCommand):
             # Every claim writes it to a varchar(200): one too long would
             # fail every turn, not once.
             check_worker_id(worker_id, name="--worker-id")
+            for queue in queues:
+                check_queue_name(queue, name="--queue")
         except ValueError as error:
             raise CommandError(str(error)) from None
         vendor = connections[router.db_for_write(OutboxEvent)].vendor
@@ -105,6 +117,7 @@ class Command(BaseCommand):
             batch_size=batch_size,
             concurrency=concurrency,
             stuck_timeout_ms=stuck_timeout_ms,
+            queues=queues,
             settings=settings,
         )
         runner = Runner(
