@@ -69,10 +69,14 @@ test-fast: $(BIN)/.installed
 mutants: $(BIN)/.installed
 	DATABASE_URL="$(TEST_DATABASE_URL)" "$(BIN)/python" mutants/run.py
 
-## test-compat: the outbox app's tests on Python 3.11 and Django 5.2 LTS.
+## test-compat: the outbox app's tests on Python 3.11 and Django 5.2 LTS. The
+## task backend's tests are left out: django.tasks arrived in Django 6.0, and
+## outbox.tasks needs it (the rest of the app does not).
 test-compat: $(COMPAT_BIN)/.installed
 	DATABASE_URL="$(TEST_DATABASE_URL)" "$(COMPAT_BIN)/pytest" tests/outbox \
-		--ds=tests.settings_outbox
+		--ds=tests.settings_outbox \
+		--ignore=tests/outbox/test_tasks.py \
+		--ignore=tests/outbox/test_tasks_processes.py
 
 $(COMPAT_BIN)/.installed: pyproject.toml
 	"$$(scripts/find-python 3.11)" -m venv "$(COMPAT_VENV)"

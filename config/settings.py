@@ -190,6 +190,16 @@ OUTBOX: dict[str, Any] = {
 }
 OUTBOX["LISTEN"] = env_bool("OUTBOX_LISTEN", default=True)
 
+# django.tasks on the outbox (outbox.tasks): task.enqueue() commits or rolls
+# back with the caller's transaction, and run_outbox_worker runs the tasks.
+TASKS = {
+    "default": {
+        "BACKEND": "outbox.tasks.OutboxTaskBackend",
+        # A worker started with --queue NAME runs only that queue's tasks.
+        "QUEUES": env_list("OUTBOX_TASK_QUEUES", default=["default"]),
+    }
+}
+
 LOG_LEVEL = env_choice(
     "DJANGO_LOG_LEVEL",
     default="INFO",

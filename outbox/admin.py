@@ -105,6 +105,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
     list_display = (
         "uuid",
         "event_type",
+        "queue_name",
         "key",
         "status_label",
         "attempts_label",
@@ -137,6 +138,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
                 "fields": (
                     "uuid",
                     "event_type",
+                    "queue_name",
                     "key",
                     "idempotency_key",
                     "status_label",
@@ -151,6 +153,8 @@ class OutboxEventAdmin(admin.ModelAdmin):
                     "attempts_label",
                     "available_at",
                     "created_at",
+                    "started_at",
+                    "last_attempted_at",
                     "completed_at",
                     "failed_at",
                     "lease",
@@ -158,6 +162,8 @@ class OutboxEventAdmin(admin.ModelAdmin):
             },
         ),
         ("Payload", {"fields": ("payload_pretty",)}),
+        # What a django.tasks task returned (outbox.tasks); events have none.
+        ("Result", {"fields": ("result_pretty",)}),
         ("Errors", {"fields": ("last_error", "history_table")}),
         ("Discarded", {"fields": ("discarded_at", "discarded_by")}),
     )
@@ -166,6 +172,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
         "attempts_label",
         "lease",
         "payload_pretty",
+        "result_pretty",
         "history_table",
     )
 
@@ -373,13 +380,20 @@ class OutboxEventAdmin(admin.ModelAdmin):
         text = json.dumps(event.payload, indent=2, sort_keys=True, ensure_ascii=False)
         return format_html('<pre class="outbox-payload">{}</pre>', text)
 
+    @admin.display(description="result")
+    def result_pretty(self, event: OutboxEvent) -> SafeString:
+        if event.status != Status.COMPLETED:
+            return format_html("<p>{}</p>", "None yet: the event has not completed.")
+        text = json.dumps(event.result, indent=2, sort_keys=True, ensure_ascii=False)
+        return format_html('<pre class="outbox-result">{}</pre>', text)
+
     @admin.display(description="history")
     def history_table(self, event: OutboxEvent) -> SafeString:
         if not event.history:
             return format_html("<p>{}</p>", "No failed attempts.")
         rows = format_html_join(
             "",
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td></tr>",
             (
                 (
                     entry.get("at", ""),
@@ -387,6 +401,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
                     entry.get("worker") or entry.get("operator", ""),
                     entry.get("error") or entry.get("action", ""),
                     entry.get("message", ""),
+                    _traceback(entry),
                 )
                 for entry in event.history
             ),
@@ -429,6 +444,16 @@ class OutboxWorkerAdmin(admin.ModelAdmin):
     @admin.display(boolean=True, description="alive")
     def alive(self, worker: OutboxWorker) -> bool:
         return timezone.now() - worker.last_seen_at <= monitoring.stale_after()
+
+
+def _traceback(entry: dict[str, Any]) -> SafeString:
+    if not entry.get("traceback"):
+        return format_html("{}", "")
+    return format_html(
+        '<details class="outbox-traceback"><summary>Traceback</summary>'
+        "<pre>{}</pre></details>",
+        entry["traceback"],
+    )
 
 
 def _actor(request: HttpRequest) -> str:

@@ -106,9 +106,14 @@ def run_event(event: OutboxEvent, *, using: str, backoff: Backoff) -> Run:
         return failed_run(event, error, backoff)
 
 
+def gives_up(event: OutboxEvent, error: BaseException) -> bool:
+    """Whether this failed attempt is the event's last: it ends failed."""
+    return isinstance(error, PermanentFailure) or event.attempts >= event.max_attempts
+
+
 def failed_run(event: OutboxEvent, error: BaseException, backoff: Backoff) -> Run:
     """Decide a failed attempt's outcome: retried after a delay, or failed."""
-    if isinstance(error, PermanentFailure) or event.attempts >= event.max_attempts:
+    if gives_up(event, error):
         return Run(event, Outcome.FAILED, error=error)
     delay = error.after if isinstance(error, Retry) else backoff.delay(event.attempts)
     return Run(event, Outcome.RETRIED, error=error, retry_in=delay)

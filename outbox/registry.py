@@ -2,8 +2,11 @@
 
 Handlers live in <app>/handlers.py and register with @handler; the app's
 ready() imports every such module, so a worker knows all handlers at start.
+Events whose type starts with "task:" are django.tasks tasks (outbox.tasks):
+one handler runs them all, whatever their path.
 """
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +46,9 @@ class Handler:
 
 _handlers: dict[str, Handler] = {}
 
+#: The event types of tasks: this, then the task function's dotted path.
+TASK_EVENT_PREFIX = "task:"
+
 
 def handler(event_type: str, *, max_attempts: int | None = None) -> Callable[[F], F]:
     """Register the decorated function as the handler of event_type."""
@@ -67,7 +73,20 @@ def handler(event_type: str, *, max_attempts: int | None = None) -> Callable[[F]
 
 def get_handler(event_type: str) -> Handler | None:
     """Return the handler registered for event_type, if any."""
-    return _handlers.get(event_type)
+    found = _handlers.get(event_type)
+    if found is None and event_type.startswith(TASK_EVENT_PREFIX):
+        return _task_handler(event_type)
+    return found
+
+
+@functools.cache
+def _task_handler(event_type: str) -> Handler | None:
+    try:
+        # Late: django.tasks exists from Django 6.0 on, and the models with it.
+        from outbox.tasks import run_task
+    except ImportError:
+        return None
+    return Handler(event_type, run_task, None)
 
 
 def registered_event_types() -> list[str]:

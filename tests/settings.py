@@ -16,3 +16,11 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 SECURE_SSL_REDIRECT = False
 
 INSTALLED_APPS = [*INSTALLED_APPS, "tests.outbox_app", "benchmarks"]  # noqa: F405
+
+# The outbox's task tests (tests/outbox_app/tasks.py) use a second queue.
+TASKS = {
+    "default": {
+        "BACKEND": "outbox.tasks.OutboxTaskBackend",
+        "QUEUES": ["default", "reports"],
+    }
+}
