@@ -43,6 +43,7 @@ from organizations.models import (
     Role,
 )
 from organizations.selectors import ADMIN, WRITERS, check_role
+from organizations.tasks import send_project_welcome_digest
 from organizations.tokens import read_invitation_token
 from outbox import publish
 from users.models import User
@@ -266,6 +267,8 @@ def create_project(*, actor: User, organization: Organization, name: str) -> Pro
             {"project_id": project.pk, "actor_id": actor.pk},
             key=organization_key(organization),
         )
+        # A task (django.tasks, on the outbox): written in this transaction.
+        send_project_welcome_digest.enqueue(project.pk)
     return project
 
 

@@ -16,8 +16,8 @@ def test_seed_demo__publishes_events_the_worker_turns_into_email(mailoutbox, cap
         "demo-2",
     ]
     assert Invitation.objects.count() == 6
-    assert "10 events are pending" in capsys.readouterr().out
-    assert drain().completed == 10
+    assert "12 events are pending (2 of them tasks)" in capsys.readouterr().out
+    assert drain().completed == 12
     assert sorted({mail.to[0] for mail in mailoutbox}) == [
         "alice@example.com",
         "bob@example.com",

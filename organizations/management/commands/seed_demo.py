@@ -6,6 +6,7 @@ from django.db import transaction
 from organizations import services
 from organizations.models import Organization
 from outbox.models import OutboxEvent, Status
+from outbox.registry import TASK_EVENT_PREFIX
 from users.models import User
 
 DEMO_ADMIN = "demo-admin@example.com"
@@ -34,9 +35,11 @@ class Command(BaseCommand):
             services.create_project(
                 actor=admin, organization=organization, name="Launch"
             )
-        pending = OutboxEvent.objects.filter(status=Status.PENDING).count()
+        pending = OutboxEvent.objects.filter(status=Status.PENDING)
+        tasks = pending.filter(event_type__startswith=TASK_EVENT_PREFIX).count()
         self.stdout.write(
             f"Created {organization.name} ({organization.slug}): invited "
-            f"{len(INVITEES)} people and added a project. {pending} events are "
-            "pending; start the worker to send their emails."
+            f"{len(INVITEES)} people and added a project. {pending.count()} events "
+            f"are pending ({tasks} of them tasks); start the worker to send their "
+            "emails."
         )
