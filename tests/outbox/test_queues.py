@@ -82,15 +82,17 @@ def test_claim__stamps_the_first_start_and_the_latest_attempt(register_handler):
 
     with transaction.atomic():
         [first] = OutboxEvent.objects.claim(worker_id="w", limit=1, lease=lease)
+    assert first.started_at is not None
+    assert first.last_attempted_at is not None
     OutboxEvent.objects.filter(pk=event.pk).update(
         status=Status.PENDING, started_at=first.started_at - timedelta(hours=1)
     )
     with transaction.atomic():
         [second] = OutboxEvent.objects.claim(worker_id="w", limit=1, lease=lease)
 
-    assert first.started_at is not None
     assert first.last_attempted_at == first.started_at
     assert second.started_at == first.started_at - timedelta(hours=1)
+    assert second.last_attempted_at is not None
     assert second.last_attempted_at >= first.last_attempted_at
 
 
