@@ -308,7 +308,7 @@ def run_task(event: OutboxEvent) -> None:
 
 def task_result(event: OutboxEvent, task: _Task) -> _TaskResult:
     """Return the TaskResult the event stands for."""
-    attempts = _attempts_since_reopened(event.history)
+    attempts = _attempts_since_reopened(_history(event))
     worker_ids = [str(entry.get("worker", "")) for entry in attempts]
     if event.status in (Status.PROCESSING, Status.COMPLETED) and event.locked_by:
         worker_ids.append(event.locked_by)
@@ -353,6 +353,19 @@ def _task(path: str, backend: str, queue_name: str) -> _Task:
     if not isinstance(found, Task):
         raise TypeError(f"{path!r} is a {type(found).__name__}, not a Task.")
     return found.using(backend=backend, queue_name=queue_name)
+
+
+def _history(event: OutboxEvent) -> list[dict[str, Any]]:
+    """The event's history, read only if it can hold an attempt's error.
+
+    The claim leaves the history out (statements.py); reading it inside the
+    task's transaction would cost a query, and the commit it then needs, for
+    every task. On a first attempt since the event was published or last
+    retried by an operator there is no failed attempt to show.
+    """
+    if "history" in event.get_deferred_fields() and event.attempts <= 1:
+        return []
+    return event.history
 
 
 def _attempts_since_reopened(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

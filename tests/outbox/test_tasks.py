@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from asgiref.sync import async_to_sync
 from django.core.management import call_command
-from django.db import transaction
+from django.db import connection, transaction
 from django.tasks import TaskResultStatus, default_task_backend, task_backends
 from django.tasks.exceptions import (
     InvalidTask,
@@ -22,6 +22,7 @@ from django.tasks.exceptions import (
 )
 from django.tasks.signals import task_enqueued, task_finished, task_started
 from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -172,6 +173,28 @@ def test_run__writes_the_result_with_the_tasks_own_writes() -> None:
     # Tuples come back as lists, as from any JSON.
     assert found.return_value == {"label": "both", "tuple": [1, 2]}
     assert HandlerRun.objects.filter(worker="both").count() == 1
+
+
+def test_run__a_task_that_writes_nothing_costs_what_an_event_costs(
+    register_handler: Any,
+) -> None:
+    """No query of its own (its history, say): its completion joins the batch's."""
+    register_handler("x", lambda event: None)
+
+    def statements_to_drain() -> list[str]:
+        with CaptureQueriesContext(connection) as queries:
+            drain()
+        return [query["sql"].split()[0] for query in queries.captured_queries]
+
+    from outbox import publish
+
+    drain()  # the claim's SQL is compiled once per process: not in what is compared
+    publish("x", {})
+    for_an_event = statements_to_drain()
+    tasks.noop.enqueue()
+    for_a_task = statements_to_drain()
+
+    assert for_a_task == for_an_event
 
 
 def test_result__refresh_reads_the_new_state() -> None:
