@@ -81,6 +81,26 @@ class EventTypeFilter(admin.SimpleListFilter):
         return queryset.filter(event_type=chosen) if chosen else queryset
 
 
+class KindFilter(admin.SimpleListFilter):
+    """Events published with publish(), or django.tasks tasks (outbox.tasks)."""
+
+    title = "kind"
+    parameter_name = "kind"
+
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin
+    ) -> list[tuple[str, str]]:
+        return [("events", "Events"), ("tasks", "Tasks")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        tasks = Q(event_type__startswith=registry.TASK_EVENT_PREFIX)
+        if self.value() == "tasks":
+            return queryset.filter(tasks)
+        if self.value() == "events":
+            return queryset.exclude(tasks)
+        return queryset
+
+
 class HasErrorFilter(admin.SimpleListFilter):
     """Filter events that failed at least one attempt (partial index)."""
 
@@ -117,6 +137,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
     list_display_links = ("uuid",)
     list_filter = (
         "status",
+        KindFilter,
         EventTypeFilter,
         ("created_at", admin.DateFieldListFilter),
         HasErrorFilter,

@@ -186,6 +186,18 @@ def test_changelist__filters_by_status_type_date_and_error(viewer) -> None:
     assert old.pk in listed(changelist(viewer))
 
 
+def test_changelist__filters_tasks_from_events_and_shows_the_queue(viewer) -> None:
+    event = OutboxEventFactory.create(event_type="mail.send")
+    task = OutboxEventFactory.create(event_type="task:myapp.tasks.digest")
+    OutboxEvent.objects.filter(pk=task.pk).update(queue_name="reports")
+
+    assert listed(changelist(viewer, kind="tasks")) == {task.pk}
+    assert listed(changelist(viewer, kind="events")) == {event.pk}
+    assert '<td class="field-queue_name">reports</td>' in (
+        changelist(viewer).content.decode()
+    )
+
+
 def test_changelist__event_type_filter_offers_the_registered_types(
     viewer, register_handler
 ) -> None:
