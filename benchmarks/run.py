@@ -104,6 +104,10 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
             lambda: peers.procrastinate_io(database_url, io_events, 16),
         ),
         ("pgqueuer-16", lambda: peers.pgqueuer_io(database_url, io_events, 16)),
+        (
+            "tasks",
+            lambda: w.tasks(200 if quick else 10_000, 20 if quick else 300),
+        ),
         ("scale-0", lambda: w.claim_time(0, batch)),
         ("scale-1m", lambda: w.claim_time(10_000 if quick else 1_000_000, batch)),
         (
@@ -181,11 +185,37 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
         best(runs, "pgqueuer-16"),
     )
     rss_64_vs_1 = io_64["notes"]["peak_rss_mb"] / io_1["notes"]["peak_rss_mb"]
+    # tasks: ours at 0-4, django-tasks-db's at 5-9 (see workloads.tasks).
+    task_runs = runs["tasks"]
+    tasks_drain = max(run[i]["rate"] for run in task_runs for i in (1, 3))
+    peer_drain = max(run[i]["rate"] for run in task_runs for i in (6, 8))
+    tasks_p50 = min(run[4]["notes"]["p50_ms"] for run in task_runs)
+    peer_p50 = min(run[9]["notes"]["p50_ms"] for run in task_runs)
+    tasks_enqueue = max(run[0]["rate"] for run in task_runs)
+    peer_enqueue = max(run[5]["rate"] for run in task_runs)
     backlog_10k = best(runs, "backlog-10k")["notes"]["steady_per_s"]
     backlog_1m = best(runs, "backlog-1m")
     claim_start = backlog_1m["notes"]["claim_ms_at_start"]
     claim_end = backlog_1m["notes"]["claim_ms_at_90"]
     return [
+        check(
+            "tasks drain >= 10 x django-tasks-db",
+            tasks_drain / peer_drain,
+            ">=",
+            10.0,
+        ),
+        check(
+            "tasks latency p50 <= 1/50 of django-tasks-db",
+            tasks_p50 / peer_p50,
+            "<=",
+            1 / 50,
+        ),
+        check(
+            "tasks enqueue 1/tx >= 0.8 x django-tasks-db",
+            tasks_enqueue / peer_enqueue,
+            ">=",
+            0.8,
+        ),
         check(
             "backlog 1 M whole drain >= 80 % of 10 k steady",
             backlog_1m["rate"] / backlog_10k,

@@ -12,13 +12,23 @@ INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "outbox",
     "benchmarks",
+    # The tasks workload's peer (benchmarks/tasks.py).
+    "django_tasks_db",
 ]
 SECRET_KEY = "benchmark-only-not-a-secret"  # noqa: S105 - never deployed
 USE_TZ = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 OUTBOX: dict[str, object] = {}
+TASKS = {
+    "default": {"BACKEND": "outbox.tasks.OutboxTaskBackend"},
+    "db": {"BACKEND": "django_tasks_db.DatabaseBackend"},
+}
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "loggers": {"outbox": {"level": "WARNING"}},
+    "loggers": {
+        "outbox": {"level": "WARNING"},
+        "django.tasks": {"level": "WARNING"},
+        "django_tasks_db": {"level": "WARNING"},
+    },
 }

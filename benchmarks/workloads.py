@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -532,3 +533,145 @@ def _peak_rss_mb(pid: int) -> float | None:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return None
+
+
+# --- tasks: django.tasks on the outbox beside django-tasks-db ------------------
+
+PEER_TABLE = "django_tasks_database_dbtaskresult"
+
+
+def tasks(count: int, latency_count: int) -> list[Measurement]:
+    """Enqueue and drain no-op tasks, and commit-to-start latency, per backend.
+
+    Ours: OutboxTaskBackend and one run_outbox_worker (concurrency 1,
+    batch 32). The peer: django-tasks-db's DatabaseBackend and one
+    `manage.py db_worker --backend db`, with its defaults (it polls every
+    second). Enqueue one per transaction (autocommit: each its own) and
+    1,000 per transaction; each backlog is then drained, the rate from 10 %
+    to 90 %.
+    """
+    from benchmarks import tasks as t
+
+    results = []
+    for name, task, worker, unfinished in [
+        ("outbox", t.noop, start_worker, not_completed),
+        ("django-tasks-db", t.db_noop, _peer_task_worker, _peer_unfinished),
+    ]:
+        for per_transaction in (1, 1000):
+            _reset_tasks()
+            enqueued = timed(
+                f"tasks, {name}, enqueue {per_transaction:,} per transaction",
+                count,
+                partial(_enqueue, task, count, per_transaction),
+            )
+            drained = _drain_tasks(worker, unfinished, count)
+            drained.workload = f"tasks, {name}, drain, 1 worker"
+            drained.notes["enqueued_per_transaction"] = per_transaction
+            results += [enqueued, drained]
+        results.append(
+            _task_latency(
+                name,
+                t.clock if name == "outbox" else t.db_clock,
+                worker,
+                latency_count,
+            )
+        )
+    _reset_tasks()
+    return results
+
+
+def _reset_tasks() -> None:
+    reset()
+    with connection.cursor() as cursor:
+        cursor.execute(f"TRUNCATE {PEER_TABLE}")
+        cursor.execute(f"VACUUM ANALYZE {PEER_TABLE}")
+    vacuum()
+
+
+def _enqueue(task: Any, count: int, per_transaction: int) -> None:
+    if per_transaction == 1:
+        for _ in range(count):
+            task.enqueue()
+        return
+    for start in range(0, count, per_transaction):
+        with transaction.atomic():
+            for _ in range(min(per_transaction, count - start)):
+                task.enqueue()
+
+
+def _peer_task_worker(*arguments: str) -> subprocess.Popen[bytes]:
+    drain = ["--batch"] if "--drain" in arguments else []
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and script
+        [
+            sys.executable,
+            "manage.py",
+            "db_worker",
+            "--backend",
+            "db",
+            "--no-startup-delay",
+            "-v",
+            "0",
+            *drain,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "benchmarks.settings"},
+    )
+
+
+def _peer_unfinished() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT count(*) FROM {PEER_TABLE} "  # noqa: S608 - a constant
+            "WHERE status IN ('READY', 'RUNNING')"
+        )
+        return int(cursor.fetchone()[0])
+
+
+def _drain_tasks(worker: Any, unfinished: Any, count: int) -> Measurement:
+    process = worker("--drain")
+    marks: dict[float, float] = {}
+    while len(marks) < 2:
+        done = 1 - unfinished() / count
+        for mark in (0.1, 0.9):
+            if done >= mark and mark not in marks:
+                marks[mark] = time.perf_counter()
+        if process.poll() is not None and len(marks) < 2:
+            raise RuntimeError("a task worker exited before draining its tasks")
+        time.sleep(0.005)
+    if process.wait(timeout=600):
+        raise RuntimeError("a task worker failed")
+    return Measurement("tasks drain", int(count * 0.8), marks[0.9] - marks[0.1])
+
+
+def _task_latency(name: str, task: Any, worker: Any, count: int) -> Measurement:
+    """Commit to task start, one task per transaction 10 ms apart, idle worker."""
+    _reset_tasks()
+    process = worker()
+    time.sleep(3)  # started and idle
+    committed: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        for _ in range(count):
+            stamp: list[float] = []
+            with transaction.atomic():
+                transaction.on_commit(partial(_stamp, stamp))
+                result = task.enqueue()
+            committed[str(uuid.UUID(result.id))] = stamp[0]
+            time.sleep(0.01)
+        deadline = time.monotonic() + 60
+        while HandlerStart.objects.count() < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    latencies = sorted(
+        (row.started_at - committed[str(row.event_uuid)]) * 1000
+        for row in HandlerStart.objects.all()
+    )
+    cuts = statistics.quantiles(latencies, n=100)
+    return Measurement(
+        f"tasks, {name}, latency, commit to start",
+        len(latencies),
+        time.perf_counter() - started,
+        {"p50_ms": cuts[49], "p95_ms": cuts[94], "p99_ms": cuts[98]},
+    )

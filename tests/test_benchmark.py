@@ -38,6 +38,7 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "io-16-async",
         "procrastinate-16",
         "pgqueuer-16",
+        "tasks",
         "scale-0",
         "scale-1m",
         "memory",
@@ -49,5 +50,5 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "backlog-1m-c16",
     }
     assert all(len(runs) == 1 for runs in report["runs"].values())
-    assert len(report["targets"]) == 17
+    assert len(report["targets"]) == 20
     assert "drain-1 >= 60 % of the ceiling" in result.stdout
