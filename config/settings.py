@@ -215,4 +215,9 @@ LOGGING = {
         "console": {"class": "logging.StreamHandler", "formatter": "plain"},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # Once, through ours: in debug, Django's own "django" console handler
+        # would print each task's line a second time.
+        "django.tasks": {"handlers": ["console"], "propagate": False},
+    },
 }

@@ -40,6 +40,6 @@ class Command(BaseCommand):
         self.stdout.write(
             f"Created {organization.name} ({organization.slug}): invited "
             f"{len(INVITEES)} people and added a project. {pending.count()} events "
-            f"are pending ({tasks} of them tasks); start the worker to send their "
-            "emails."
+            f"are pending ({tasks} of them {'a task' if tasks == 1 else 'tasks'}); "
+            "start the worker to send their emails."
         )
