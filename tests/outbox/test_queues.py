@@ -64,6 +64,17 @@ def test_worker__with_queues_claims_only_theirs(register_handler) -> None:
     }
 
 
+def test_drain__with_queues_handles_only_theirs(register_handler) -> None:
+    register_handler("x", lambda event: None)
+    mine = publish("x", {}, queue="mine")
+    other = publish("x", {})
+
+    assert drain(queues=["mine"]).completed == 1
+
+    assert OutboxEvent.objects.get(pk=mine.pk).status == Status.COMPLETED
+    assert OutboxEvent.objects.get(pk=other.pk).status == Status.PENDING
+
+
 def test_worker__refuses_a_bad_queue_name() -> None:
     with pytest.raises(ValueError, match="queues is 201 characters long"):
         Worker(queues=["q" * 201])
