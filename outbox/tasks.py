@@ -252,6 +252,10 @@ class OutboxTaskBackend(BaseTaskBackend):
         return errors
 
     def _default_max_attempts(self) -> int | None:
+        if not isinstance(self.options, dict):
+            raise ImproperlyConfigured(
+                f"settings.TASKS[{self.alias!r}]['OPTIONS'] must be a dict."
+            )
         value = self.options.get("max_attempts")
         if value is not None and not _attempts_in_range(value):
             raise ImproperlyConfigured(

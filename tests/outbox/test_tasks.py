@@ -302,6 +302,27 @@ def test_operator_retry__starts_the_tasks_attempts_afresh() -> None:
     assert found.worker_ids == []
 
 
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("tests.outbox_app.gone", "ImportError: No task at 'tests.outbox_app.gone'"),
+        ("outbox.tasks.PATH_LIMIT", "TypeError: 'outbox.tasks.PATH_LIMIT' is a int"),
+    ],
+)
+def test_run__a_path_that_is_no_task_is_retried_with_the_reason(
+    path: str, error: str
+) -> None:
+    """A worker that has not been deployed with the task yet may come later."""
+    from outbox import publish
+
+    event = publish(f"task:{path}", {"args": [], "kwargs": {}, "backend": "default"})
+
+    assert drain().retried == 1
+
+    event.refresh_from_db()
+    assert event.last_error.startswith(error)
+
+
 # -- deferral, options, queues -------------------------------------------------
 
 
@@ -486,6 +507,7 @@ def test_signals__finished_only_once_a_retried_task_ends() -> None:
         ({"OPTIONS": {"retries": 3}}, "outbox.E011", "['retries'] is not an option"),
         ({"OPTIONS": {"max_attempts": 0}}, "outbox.E012", "['max_attempts']"),
         ({"QUEUES": ["q" * 201]}, "outbox.E013", "201 characters long"),
+        ({"OPTIONS": "max_attempts=3"}, "outbox.E011", "['OPTIONS'] must be a dict"),
     ],
 )
 def test_check__names_the_bad_setting(
@@ -513,6 +535,24 @@ def test_check__fails_manage_py_check() -> None:
         call_command("check")
 
     assert "outbox.E012" in str(raised.value)
+
+
+def test_enqueue__with_a_bad_backend_option_raises_naming_it() -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    setting = {
+        "default": {
+            "BACKEND": "outbox.tasks.OutboxTaskBackend",
+            "OPTIONS": {"max_attempts": -1},
+        }
+    }
+    with (
+        override_settings(TASKS=setting),
+        pytest.raises(ImproperlyConfigured, match=re.escape("['max_attempts']")),
+    ):
+        tasks.add.enqueue(1, 2)
+
+    assert not OutboxEvent.objects.exists()
 
 
 def test_check__a_valid_configuration_passes() -> None:
