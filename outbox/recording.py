@@ -9,11 +9,15 @@ head promotes the key's next event in the same transaction.
 
 import logging
 from dataclasses import dataclass
+from functools import partial
+
+from django.db import DEFAULT_DB_ALIAS, transaction
 
 from outbox import ordering, statements
 from outbox.handling import Outcome, Run
-from outbox.models import Status
+from outbox.models import OutboxEvent, Status
 from outbox.publishing import notify_workers
+from outbox.registry import get_handler
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +81,13 @@ def record(runs: list[Run], *, using: str, worker_id: str) -> Recorded:
         if run.recorded:
             recheck |= run.keys_to_recheck
             _log_completed(run, worker_id)
+            if run.outcome is Outcome.COMPLETED:
+                after_end(run.event, using)
         elif run.outcome is Outcome.COMPLETED:
             run.outcome = _kept(run, run.event.pk in completed, Status.COMPLETED)
             _log_completed(run, worker_id)
+            if run.outcome is Outcome.COMPLETED:
+                after_end(run.event, using)
         elif run.outcome is Outcome.RELEASED:
             run.outcome = _kept(run, run.event.pk in released, Status.PENDING)
         else:
@@ -114,6 +122,8 @@ def write_failure(run: Run, *, worker_id: str) -> Outcome:
         run.recorded = True  # nothing to write, should the turn be retried
         return Outcome.LOST
     outcome = run.outcome
+    if outcome is Outcome.FAILED:
+        after_end(event, event._state.db or DEFAULT_DB_ALIAS)
     log = logger.error if outcome is Outcome.FAILED else logger.warning
     log(
         "outbox event %s id=%s type=%s attempt=%d/%d error=%s",
@@ -131,6 +141,19 @@ def write_failure(run: Run, *, worker_id: str) -> Outcome:
         },
     )
     return outcome
+
+
+def after_end(event: OutboxEvent, using: str) -> None:
+    """Tell the event's handler of its end, once the transaction writing it commits.
+
+    Inside the caller's transaction (a turn's, the rescue's); a turn that
+    fails rolls the callback back with it, and writes it again when retried.
+    """
+    registered = get_handler(event.event_type)
+    if registered is not None and registered.ended is not None:
+        transaction.on_commit(
+            partial(registered.ended, event), using=using, robust=True
+        )
 
 
 def _pending(run: Run, outcome: Outcome) -> bool:

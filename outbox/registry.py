@@ -28,6 +28,12 @@ class Handler:
     event_type: str
     function: HandlerFunction
     max_attempts: int | None
+    #: Called once the event's end (completed, or failed for good) has
+    #: committed, with the event; the worker's, not the handler's, business
+    #: (outbox.tasks sends django.tasks' task_finished from it).
+    ended: Callable[["OutboxEvent"], None] | None = field(
+        default=None, repr=False, compare=False
+    )
     #: What the worker calls: the function itself, or for an async def
     #: function, a blocking wrapper that runs it on an event loop.
     call: HandlerFunction = field(init=False, repr=False, compare=False)
@@ -83,10 +89,10 @@ def get_handler(event_type: str) -> Handler | None:
 def _task_handler(event_type: str) -> Handler | None:
     try:
         # Late: django.tasks exists from Django 6.0 on, and the models with it.
-        from outbox.tasks import run_task
+        from outbox.tasks import run_task, task_ended
     except ImportError:
         return None
-    return Handler(event_type, run_task, None)
+    return Handler(event_type, run_task, None, ended=task_ended)
 
 
 def registered_event_types() -> list[str]:

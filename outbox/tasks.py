@@ -34,6 +34,7 @@ Django 5.2.
 """
 
 import functools
+import logging
 import math
 import uuid
 from dataclasses import dataclass, replace
@@ -61,7 +62,9 @@ from outbox.publishing import MAX_ATTEMPTS_LIMIT, publish
 from outbox.registry import TASK_EVENT_PREFIX
 from outbox.storable import check_text, encode_json
 
-__all__ = ["OutboxTask", "OutboxTaskBackend", "run_task"]
+__all__ = ["OutboxTask", "OutboxTaskBackend", "run_task", "task_ended"]
+
+logger = logging.getLogger(__name__)
 
 #: The longest task path: the event type is varchar(200), prefix included.
 PATH_LIMIT = 200 - len(TASK_EVENT_PREFIX)
@@ -271,10 +274,11 @@ class OutboxTaskBackend(BaseTaskBackend):
 def run_task(event: OutboxEvent) -> None:
     """Run the event's task, in the worker's transaction for it.
 
-    Sends task_started, then task_finished once the task succeeded or
-    failed for the last time (not for an attempt that will be retried). A
-    return value is written to the event, fenced on the claim's token, so it
-    commits with the task's own writes and its completion.
+    Sends task_started first. A return value is written to the event,
+    fenced on the claim's token, so it commits with the task's own writes
+    and its completion. task_finished waits for the task's end to commit
+    (task_ended()): a commit that fails, a lease lost, or an attempt that
+    will be retried sends none.
     """
     task = _task_of(event)
     sender = type(task.get_backend())
@@ -290,14 +294,15 @@ def run_task(event: OutboxEvent) -> None:
         value = _json_return_value(task, value)
     except Exception as error:
         if gives_up(event, error):
-            failed = replace(
-                running,
-                status=TaskResultStatus.FAILED,
-                finished_at=timezone.now(),
-                errors=[*running.errors, _task_error(error)],
+            _keep_for_the_end(
+                event,
+                replace(
+                    running,
+                    status=TaskResultStatus.FAILED,
+                    finished_at=timezone.now(),
+                    errors=[*running.errors, _task_error(error)],
+                ),
             )
-            # Inside the except block: Django's own receiver logs exc_info.
-            task_finished.send(sender, task_result=failed)
         raise
     if value is not None:
         OutboxEvent.objects.using(event._state.db).filter(
@@ -307,7 +312,43 @@ def run_task(event: OutboxEvent) -> None:
         running, status=TaskResultStatus.SUCCESSFUL, finished_at=timezone.now()
     )
     object.__setattr__(succeeded, "_return_value", value)
-    task_finished.send(sender, task_result=succeeded)
+    _keep_for_the_end(event, succeeded)
+
+
+#: The attribute of a claimed event where run_task() leaves the result that
+#: task_ended() sends.
+_ENDED_RESULT = "_outbox_task_result"
+
+
+def _keep_for_the_end(event: OutboxEvent, result: _TaskResult) -> None:
+    setattr(event, _ENDED_RESULT, result)
+
+
+def task_ended(event: OutboxEvent) -> None:
+    """Send task_finished for a task whose end (completed or failed) committed.
+
+    The worker calls it after the commit (recording.after_end): with the
+    result run_task() built, or, for an end decided elsewhere (the rescue
+    of a worker killed during the last attempt, a task that could not be
+    imported), one read from the event.
+    """
+    result = getattr(event, _ENDED_RESULT, None)
+    if result is None or result.status != _STATUSES[Status(event.status)]:
+        # Decided after the run: its COMMIT failed, say, so the success it
+        # left here never happened.
+        try:
+            result = replace(
+                task_result(event, _task_of(event)), finished_at=timezone.now()
+            )
+        except Exception:  # no task to describe (its path no longer imports)
+            logger.warning(
+                "outbox task %s ended %s; no task_finished: its task cannot be loaded",
+                event.pk,
+                event.status,
+                extra=event.describe(),
+            )
+            return
+    task_finished.send(type(result.task.get_backend()), task_result=result)
 
 
 def task_result(event: OutboxEvent, task: _Task) -> _TaskResult:

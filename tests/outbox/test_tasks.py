@@ -445,9 +445,11 @@ def test_signals__enqueued_at_commit_then_started_and_finished(
             with django_capture_on_commit_callbacks(execute=True):
                 tasks.add.enqueue(1, 2)
                 assert seen == []  # nothing before the commit
-        drain()
+        with django_capture_on_commit_callbacks(execute=True):
+            drain()
         options(tasks.always_fails).using(max_attempts=1).enqueue()
-        drain()
+        with django_capture_on_commit_callbacks(execute=True):
+            drain()
     finally:
         for signal in signal_names:
             signal.disconnect(receiver)
@@ -482,20 +484,71 @@ def test_signals__no_task_enqueued_for_a_rolled_back_task(
     assert [result.args for result in seen] == [[3, 4]]
 
 
-def test_signals__finished_only_once_a_retried_task_ends() -> None:
+def test_signals__finished_only_once_a_retried_task_ends(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
     finished: list[Any] = []
 
     def receiver(task_result: Any, **kwargs: Any) -> None:
-        finished.append(task_result.status)
+        finished.append((task_result.status, task_result._return_value))
 
     task_finished.connect(receiver)
     try:
         tasks.attempt_number.enqueue()
-        run_until_done()
+        with django_capture_on_commit_callbacks(execute=True):
+            run_until_done()
     finally:
         task_finished.disconnect(receiver)
 
-    assert finished == [TaskResultStatus.SUCCESSFUL]
+    assert finished == [(TaskResultStatus.SUCCESSFUL, 3)]
+
+
+def test_signals__a_task_failed_by_the_rescue_is_finished_too(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    """Its worker was killed during its last attempt: the rescue ends it."""
+    finished: list[Any] = []
+
+    def receiver(task_result: Any, **kwargs: Any) -> None:
+        finished.append(task_result)
+
+    result = options(tasks.add).using(max_attempts=1).enqueue(1, 2)
+    OutboxEvent.objects.filter(uuid=result.id).update(
+        status=Status.PROCESSING,
+        attempts=1,
+        locked_by="killed",
+        lease_token=1,
+        locked_until=timezone.now() - datetime.timedelta(minutes=1),
+    )
+    task_finished.connect(receiver)
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            assert Worker(worker_id="rescuer").rescue_expired() == 1
+    finally:
+        task_finished.disconnect(receiver)
+
+    [ended] = finished
+    assert ended.status == TaskResultStatus.FAILED
+    assert ended.worker_ids == ["killed"]
+    assert ended.errors[0].exception_class_path == "outbox.errors.LeaseExpired"
+    assert ended.finished_at is not None
+
+
+def test_signals__nothing_finished_before_the_turn_commits() -> None:
+    """In a test's transaction nothing commits: drain() sends no task_finished."""
+    finished: list[Any] = []
+
+    def receiver(task_result: Any, **kwargs: Any) -> None:
+        finished.append(task_result)
+
+    task_finished.connect(receiver)
+    try:
+        tasks.add.enqueue(1, 2)
+        drain()
+    finally:
+        task_finished.disconnect(receiver)
+
+    assert finished == []
 
 
 # -- configuration ------------------------------------------------------------

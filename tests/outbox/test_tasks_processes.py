@@ -6,13 +6,16 @@ worker is a real `run_outbox_worker` woken by NOTIFY.
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.db import connection, transaction
 from django.tasks import TaskResultStatus
+from django.tasks.signals import task_finished
 
 from outbox import publish
 from outbox.models import OutboxEvent, Status
+from outbox.testing import drain
 from tests.outbox.sessions import InThread
 from tests.outbox.worker_process import WorkerProcess, wait_until
 from tests.outbox_app import tasks
@@ -46,6 +49,26 @@ def test_enqueue__outside_a_transaction_commits_at_once() -> None:
     tasks.add.enqueue(1, 2)
 
     assert InThread(lambda: OutboxEvent.objects.count()).join() == 1
+
+
+def test_signals__a_task_whose_commit_fails_is_never_finished_successful() -> None:
+    """task_finished waits for the end to commit: here the COMMIT fails."""
+    finished: list[Any] = []
+
+    def receiver(task_result: Any, **kwargs: Any) -> None:
+        finished.append(task_result.status)
+
+    result = tasks.fails_at_commit.using(max_attempts=1).enqueue()  # type: ignore[call-arg]
+    task_finished.connect(receiver)
+    try:
+        drain()
+    finally:
+        task_finished.disconnect(receiver)
+
+    assert finished == [TaskResultStatus.FAILED]
+    found = tasks.fails_at_commit.get_result(result.id)
+    assert found.status == TaskResultStatus.FAILED
+    assert found.errors[0].exception_class_path == "django.db.utils.IntegrityError"
 
 
 @pytest.fixture

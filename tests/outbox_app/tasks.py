@@ -12,7 +12,7 @@ from typing import Any
 from django.tasks import TaskContext, task
 
 from outbox import PermanentFailure, Retry
-from tests.outbox_app.models import HandlerRun
+from tests.outbox_app.models import HandlerRun, SideEffect
 
 
 @task
@@ -44,6 +44,13 @@ def attempt_number(context: TaskContext) -> int:
     if context.attempt < 3:
         raise ConnectionError(f"attempt {context.attempt} failed")
     return context.attempt
+
+
+@task
+def fails_at_commit() -> int:
+    """Write a row whose deferred foreign key fails the transaction's COMMIT."""
+    SideEffect.objects.create(event_uuid=uuid.uuid4(), parent_id=2**62)
+    return 1
 
 
 @task
