@@ -100,6 +100,8 @@ def check_queue_name(value: object, *, name: str) -> str:
     text = check_text(value, name=name, limit=QUEUE_NAME_MAX_LENGTH)
     if not text.strip():
         raise ValueError(f"{name} must not be empty.")
+    if text != text.strip():
+        raise ValueError(f"{name} {text!r} has spaces around it.")
     return text
 
 

@@ -98,7 +98,7 @@ class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
             worker_id=worker_id,
             token=token,
             lease=lease,
-            queues=tuple(sorted(queues)),
+            queues=tuple(sorted(set(queues))),
         )
         return Batch(events=events, token=token)
 
@@ -336,6 +336,8 @@ class OutboxEvent(models.Model):
         self.attempts = 0
         self.locked_by = ""
         self.locked_until = None
+        self.started_at = None
+        self.last_attempted_at = None
         self.completed_at = None
         self.failed_at = None
         self.record_operator_action(action="retried", actor=actor)
@@ -346,6 +348,8 @@ class OutboxEvent(models.Model):
                 "attempts",
                 "locked_by",
                 "locked_until",
+                "started_at",
+                "last_attempted_at",
                 "completed_at",
                 "failed_at",
                 "waiting",

@@ -37,7 +37,8 @@ import functools
 import logging
 import math
 import uuid
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from traceback import format_exception
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
@@ -70,6 +71,9 @@ logger = logging.getLogger(__name__)
 PATH_LIMIT = 200 - len(TASK_EVENT_PREFIX)
 #: Deeper arguments are refused (a cycle would never end).
 NESTING_LIMIT = 100
+#: Floats from here up are whole numbers that jsonb writes out in full and
+#: json.loads reads back as ints.
+FLOAT_LIMIT = 1e16
 OPTIONS = ("max_attempts",)
 
 _STATUSES = {
@@ -163,6 +167,15 @@ class OutboxTaskBackend(BaseTaskBackend):
     ) -> "TaskResult[_P, _R]":
         """Write the task in the caller's transaction; return its READY result."""
         self.validate_task(task)
+        # Here, not in validate_task(): @task validates before the module
+        # has the name bound.
+        problem = _unfindable(task.module_path, task.func)
+        if problem:
+            raise InvalidTask(
+                f"Task {task.module_path!r} cannot be found by a worker: "
+                f"{problem}. Define it at a module's top level with @task, "
+                "under its function's own name."
+            )
         payload = {
             "args": _json_arguments(list(args), "args"),
             "kwargs": _json_arguments(dict(kwargs), "kwargs"),
@@ -208,9 +221,13 @@ class OutboxTaskBackend(BaseTaskBackend):
             .filter(uuid=public_id, event_type__startswith=TASK_EVENT_PREFIX)
             .first()
         )
-        if event is None or event.payload.get("backend") != self.alias:
+        if event is None or not _is_task_payload(event.payload, self.alias):
             raise TaskResultDoesNotExist(result_id)
-        return task_result(event, _task_of(event))
+        try:
+            task = _task_of(event)
+        except (ImportError, TypeError) as error:
+            raise TaskResultDoesNotExist(f"{result_id}: {error}") from error
+        return task_result(event, task)
 
     def check(self, **kwargs: Any) -> list[CheckMessage]:
         where = f"settings.TASKS[{self.alias!r}]"
@@ -357,6 +374,9 @@ def task_result(event: OutboxEvent, task: _Task) -> _TaskResult:
     worker_ids = [str(entry.get("worker", "")) for entry in attempts]
     if event.status in (Status.PROCESSING, Status.COMPLETED) and event.locked_by:
         worker_ids.append(event.locked_by)
+    # The history keeps the last 25 entries: attempts before them ran on
+    # workers no longer recorded, and still count.
+    worker_ids = [""] * (event.attempts - len(worker_ids)) + worker_ids
     finished_at = {
         Status.COMPLETED: event.completed_at,
         Status.FAILED: event.failed_at,
@@ -385,7 +405,7 @@ def _task_of(event: OutboxEvent) -> _Task:
     path = event.event_type.removeprefix(TASK_EVENT_PREFIX)
     task = _task(path, event.payload["backend"], event.queue_name)
     if run_after := event.payload.get("run_after"):
-        return task.using(run_after=datetime.fromisoformat(run_after))
+        return _as_stored(task, run_after=datetime.fromisoformat(run_after))
     return task
 
 
@@ -397,7 +417,44 @@ def _task(path: str, backend: str, queue_name: str) -> _Task:
         raise ImportError(f"No task at {path!r}: {error}") from error
     if not isinstance(found, Task):
         raise TypeError(f"{path!r} is a {type(found).__name__}, not a Task.")
-    return found.using(backend=backend, queue_name=queue_name)
+    return _as_stored(found, backend=backend, queue_name=queue_name)
+
+
+def _as_stored(task: _Task, **stored: Any) -> _Task:
+    """The task with what its event stored, not validated again.
+
+    It was valid when enqueued; using() would check it against today's
+    settings (a queue since removed from QUEUES), and a task that ran, or
+    waits, must still run and be read back.
+    """
+    copy = object.__new__(type(task))
+    for field in fields(task):
+        value = stored.get(field.name, getattr(task, field.name))
+        object.__setattr__(copy, field.name, value)
+    return copy
+
+
+@functools.lru_cache(maxsize=1024)
+def _unfindable(path: str, function: Any) -> str:
+    """Why a worker could not find this task by its path; "" if it can."""
+    if path.startswith("__main__."):
+        return "it is defined in __main__, which a worker does not import"
+    try:
+        found = import_string(path)
+    except ImportError:
+        return "its path does not import"
+    if not isinstance(found, Task) or found.func is not function:
+        return "that name holds something else"
+    return ""
+
+
+def _is_task_payload(payload: Any, alias: str) -> bool:
+    return (
+        isinstance(payload, dict)
+        and payload.get("backend") == alias
+        and isinstance(payload.get("args"), list)
+        and isinstance(payload.get("kwargs"), dict)
+    )
 
 
 def _history(event: OutboxEvent) -> list[dict[str, Any]]:
@@ -444,14 +501,14 @@ def _task_error(error: BaseException) -> TaskError:
 
 def _json_arguments(value: Any, where: str) -> Any:
     """Return the arguments if they come back from JSON as they went in."""
-    _check_round_trip(value, where, 0)
+    _check_round_trip(value, where)
     return value
 
 
 def _json_return_value(task: _Task, value: Any) -> Any:
     """Return the task's return value as it will be stored; give up if it can't."""
     try:
-        _check_round_trip(value, "return value", 0)
+        _check_round_trip(value, "return value")
         encode_json(
             value,
             name="The return value",
@@ -464,37 +521,84 @@ def _json_return_value(task: _Task, value: Any) -> Any:
     return _normalized(value)
 
 
-def _check_round_trip(value: Any, where: str, depth: int) -> None:
+class _NotJSON(Exception):  # noqa: N818 - internal, turned into InvalidTask
+    """A value that does not round-trip; path is filled in on the way out."""
+
+    def __init__(self, problem: str, *, located: bool = True) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.located = located
+        self.path: list[str] = []
+
+
+def _check_round_trip(value: Any, where: str) -> None:
+    """Raise InvalidTask, naming the place, unless value survives JSON unchanged.
+
+    The walk counts the values it visits against OUTBOX_MAX_PAYLOAD_BYTES
+    (each costs a byte at least), so arguments that share one list many
+    times over are refused in time instead of expanding for minutes.
+    """
+    limit = get_settings().max_payload_bytes
+    try:
+        _walk(value, 0, [limit])
+    except _NotJSON as error:
+        place = "".join(reversed(error.path)) if error.located else ""
+        raise InvalidTask(f"Task {where}{place} {error.problem}.") from None
+
+
+def _walk(value: Any, depth: int, budget: list[int]) -> None:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _NotJSON("is larger than OUTBOX_MAX_PAYLOAD_BYTES as JSON", located=False)
     if depth > NESTING_LIMIT:
-        raise InvalidTask(
-            f"Task {where} is nested more than {NESTING_LIMIT} levels deep."
-        )
+        raise _NotJSON(f"is nested more than {NESTING_LIMIT} levels deep")
     match value:
         case None | bool() | int() | str():
             return
         case float():
-            if not math.isfinite(value):
-                raise InvalidTask(
-                    f"Task {where} is {value!r}, which JSON cannot carry."
-                )
+            _check_float(value)
         case dict():
-            for name, item in value.items():
-                if not isinstance(name, str):
-                    raise InvalidTask(
-                        f"Task {where} has the key {name!r}: JSON keys are "
-                        f"strings, so it would come back as {str(name)!r}."
-                    )
-                _check_round_trip(item, f"{where}[{name!r}]", depth + 1)
+            _walk_items(_string_keyed(value), depth, budget)
         case list() | tuple():
-            for index, item in enumerate(value):
-                _check_round_trip(item, f"{where}[{index}]", depth + 1)
+            _walk_items(enumerate(value), depth, budget)
         case _:
-            raise InvalidTask(
-                f"Task {where} is a {type(value).__qualname__}, which does not "
-                "round-trip through JSON: pass strings, numbers, booleans, "
-                "None, lists and dicts with string keys (an id, not a model "
-                "instance; an ISO string, not a datetime)."
+            raise _NotJSON(
+                f"is a {type(value).__qualname__}, which does not round-trip "
+                "through JSON: pass strings, numbers, booleans, None, lists "
+                "and dicts with string keys (an id, not a model instance; an "
+                "ISO string, not a datetime)"
             )
+
+
+def _walk_items(
+    items: Iterable[tuple[int | str, Any]], depth: int, budget: list[int]
+) -> None:
+    for key, item in items:
+        try:
+            _walk(item, depth + 1, budget)
+        except _NotJSON as error:
+            error.path.append(f"[{key!r}]")
+            raise
+
+
+def _string_keyed(value: dict[Any, Any]) -> Iterable[tuple[str, Any]]:
+    for name in value:
+        if not isinstance(name, str):
+            raise _NotJSON(
+                f"has the key {name!r}: JSON keys are strings, so it would "
+                f"come back as {str(name)!r}"
+            )
+    return value.items()
+
+
+def _check_float(value: float) -> None:
+    if not math.isfinite(value):
+        raise _NotJSON(f"is {value!r}, which JSON cannot carry")
+    if abs(value) >= FLOAT_LIMIT:
+        raise _NotJSON(
+            f"is {value!r}, which PostgreSQL's jsonb returns as the integer "
+            f"{int(value)}: pass an int, or a string"
+        )
 
 
 def _normalized(value: Any) -> Any:

@@ -34,6 +34,7 @@ def test_publish__puts_an_event_in_the_default_queue_unless_told() -> None:
         ("q" * 201, ValueError, "publish(queue=...) is 201 characters long"),
         ("", ValueError, "publish(queue=...) must not be empty"),
         (" ", ValueError, "publish(queue=...) must not be empty"),
+        (" a", ValueError, "publish(queue=...) ' a' has spaces around it"),
         ("a\x00", ValueError, "publish(queue=...) contains"),
         (7, TypeError, "publish(queue=...) must be a string"),
     ],

@@ -115,6 +115,7 @@ def test_aenqueue_and_aget_result__work_from_async_code() -> None:
         (([math.nan],), {}, "args[0][0] is nan"),
         (({1, 2},), {}, "args[0] is a set"),
         (("a\x00b",), {}, "NUL"),
+        ((1e16,), {}, "args[0] is 1e+16, which PostgreSQL's jsonb returns as"),
     ],
 )
 def test_enqueue__refuses_arguments_that_do_not_round_trip_through_json(
@@ -133,6 +134,26 @@ def test_enqueue__refuses_nesting_past_the_limit() -> None:
 
     with pytest.raises(InvalidTask, match="nested more than 100 levels"):
         tasks.add.enqueue(nested, 1)  # type: ignore[arg-type]
+
+
+def test_enqueue__refuses_arguments_that_share_a_list_past_the_size_limit() -> None:
+    """[x, x] twenty-four times over is 16 million values in JSON: refused in time."""
+    shared: list[Any] = [1]
+    for _ in range(24):
+        shared = [shared, shared]
+
+    with (
+        override_settings(OUTBOX={"MAX_PAYLOAD_BYTES": 10_000}),
+        pytest.raises(InvalidTask, match="larger than OUTBOX_MAX_PAYLOAD_BYTES"),
+    ):
+        tasks.add.enqueue(shared, 1)  # type: ignore[arg-type]
+
+
+def test_enqueue__refuses_a_task_a_worker_cannot_find_by_its_path() -> None:
+    with pytest.raises(InvalidTask, match="that name holds something else"):
+        tasks.renamed.enqueue()
+
+    assert not OutboxEvent.objects.exists()
 
 
 def test_enqueue__refuses_priority_which_the_claim_cannot_order_by() -> None:
@@ -300,6 +321,7 @@ def test_operator_retry__starts_the_tasks_attempts_afresh() -> None:
     assert found.status == TaskResultStatus.READY
     assert found.errors == []
     assert found.worker_ids == []
+    assert (found.started_at, found.last_attempted_at) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -412,6 +434,60 @@ def test_get_result__of_an_event_that_is_no_task_raises_does_not_exist() -> None
 
     with pytest.raises(TaskResultDoesNotExist):
         default_task_backend.get_result(str(event.uuid))
+
+
+ADD = "task:tests.outbox_app.tasks.add"
+
+
+@pytest.mark.parametrize(
+    ("event_type", "payload"),
+    [
+        (
+            "task:tests.outbox_app.gone",
+            {"args": [], "kwargs": {}, "backend": "default"},
+        ),
+        (ADD, ["not", "an", "object"]),
+        (ADD, {"kwargs": {}, "backend": "default"}),
+        (ADD, {"args": [], "kwargs": {}, "backend": "elsewhere"}),
+    ],
+    ids=["no-longer-imports", "not-an-object", "no-args", "other-backend"],
+)
+def test_get_result__of_an_event_it_cannot_read_raises_does_not_exist(
+    event_type: str, payload: Any
+) -> None:
+    from outbox import publish
+
+    event = publish(event_type, payload)
+
+    with pytest.raises(TaskResultDoesNotExist):
+        default_task_backend.get_result(str(event.uuid))
+
+
+def test_get_result__of_a_task_whose_queue_was_since_removed() -> None:
+    result = tasks.in_reports_queue.enqueue(1)
+    setting = {
+        "default": {"BACKEND": "outbox.tasks.OutboxTaskBackend", "QUEUES": ["default"]}
+    }
+
+    with override_settings(TASKS=setting):
+        found = default_task_backend.get_result(result.id)
+        drain()
+        done = default_task_backend.get_result(result.id)
+
+    assert found.task.queue_name == "reports"
+    assert done.return_value == 1
+
+
+def test_get_result__counts_every_attempt_past_the_historys_limit() -> None:
+    result = options(tasks.always_fails).using(max_attempts=30).enqueue()
+
+    run_until_done(limit=40)
+
+    found = tasks.always_fails.get_result(result.id)
+    assert found.status == TaskResultStatus.FAILED
+    assert found.attempts == 30
+    assert len(found.errors) == 25  # the history keeps the last 25
+    assert found.worker_ids[:5] == [""] * 5
 
 
 def test_get_result__through_another_task_raises_mismatch() -> None:

@@ -89,3 +89,10 @@ def keyed_report(n: int) -> int:
 @task(queue_name="reports")
 def in_reports_queue(n: int) -> int:
     return n
+
+
+def _renamed() -> None:
+    """Decorated under another name: its path names the plain function."""
+
+
+renamed = task(_renamed)
