@@ -183,20 +183,53 @@ def _claim_sql(using: str, limit: int, queues: tuple[str, ...]) -> str:
 def _ready_sql(
     using: str, limit: int, queues: tuple[str, ...]
 ) -> tuple[str, tuple[Any, ...]]:
-    """Compile the ORM's SELECT id ... FOR UPDATE SKIP LOCKED once per limit."""
-    ready = (
-        OutboxEvent.objects.using(using)
-        .ready(queues)
-        .select_for_update(skip_locked=True)
-        .values("pk")[:limit]
+    """The locking read of up to limit ready ids, compiled once per limit and queues.
+
+    Every queue, or one: the ORM's SELECT id ... FOR UPDATE SKIP LOCKED.
+    Several queues: one such read per queue, each from the queue's own index
+    in order, merged oldest first. (One read filtering several queues could
+    only use outbox_ready_idx, and would step over every other queue's
+    ready events ahead of theirs.) Each read locks up to limit rows; those
+    the merge leaves out stay locked, unclaimed, until the claim commits.
+    """
+    if len(queues) <= 1:
+        return _compiled(
+            OutboxEvent.objects.using(using)
+            .ready(queues)
+            .select_for_update(skip_locked=True)
+            .values("pk")[:limit],
+            using,
+        )
+    reads, params = [], []
+    for number, queue in enumerate(queues):
+        sql, read_params = _compiled(
+            OutboxEvent.objects.using(using)
+            .ready((queue,))
+            .select_for_update(skip_locked=True)
+            .values("pk", "available_at")[:limit],
+            using,
+        )
+        reads.append(f"queue_{number} AS MATERIALIZED ({sql})")
+        params += read_params
+    merged = " UNION ALL ".join(
+        f"SELECT * FROM queue_{number}"  # noqa: S608 - numbered names, no values
+        for number in range(len(queues))
     )
+    sql = (
+        f"WITH {', '.join(reads)} SELECT pk FROM ({merged}) AS ready "  # noqa: S608
+        f"ORDER BY available_at, pk LIMIT {int(limit)}"
+    )
+    return sql, tuple(params)
+
+
+def _compiled(query: Any, using: str) -> tuple[str, tuple[Any, ...]]:
     # Not a public API (guarded by tests/outbox/test_statements.py). The
     # compiler refuses FOR UPDATE in autocommit, where a plain SELECT would
     # drop its locks at once; here the locking read is part of the claim's
     # UPDATE, which holds them to its end, so compile it in an (empty)
     # transaction.
     with transaction.atomic(using=using):
-        sql, params = ready.query.get_compiler(using=using).as_sql()
+        sql, params = query.query.get_compiler(using=using).as_sql()
     return sql, tuple(params)
 
 

@@ -135,6 +135,27 @@ def test_claim_of_one_queue__reads_its_own_index_past_the_others_backlog(
     assert_bounded(taken, statements=1, rows=100)
 
 
+def test_claim_of_several_queues__reads_each_queues_index_past_the_others_backlog(
+    backlog: None,
+) -> None:
+    with connection.cursor() as cursor:
+        _insert(cursor, FEW, queue="reports")
+        _insert(cursor, FEW, queue="emails")
+
+    with plans() as taken:
+        batch = OutboxEvent.objects.claim(
+            worker_id="w",
+            limit=32,
+            lease=timedelta(seconds=30),
+            queues=["reports", "emails"],
+        )
+
+    assert len(batch) == 32
+    assert {event.queue_name for event in batch} == {"reports", "emails"}
+    # Each queue's read takes up to 32 in its index's order; the merge keeps 32.
+    assert_bounded(taken, statements=1, rows=150)
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("state", STATES, ids=lambda state: state.__name__)
 def test_claim_in_autocommit__reads_the_ready_index_in_order(

@@ -145,3 +145,21 @@ def test_failed_attempt__keeps_its_traceback_redacted_and_truncated(
     assert traceback.startswith("…")
     assert traceback.endswith("xxx refused for <email>\n")
     assert "alice@example.com" not in traceback
+
+
+def test_claim_of_several_queues__takes_the_oldest_across_them(register_handler):
+    register_handler("x", lambda event: None)
+    published = [publish("x", {}, queue=name) for name in ("a", "b", "c", "a", "b")]
+
+    with transaction.atomic():
+        batch = OutboxEvent.objects.claim(
+            worker_id="w", limit=3, lease=timedelta(seconds=30), queues=["b", "a"]
+        )
+
+    assert [event.pk for event in batch] == [
+        published[0].pk,
+        published[1].pk,
+        published[3].pk,
+    ]
+    left = OutboxEvent.objects.filter(status=Status.PENDING).order_by("id")
+    assert [event.queue_name for event in left] == ["c", "b"]
