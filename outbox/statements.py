@@ -200,7 +200,8 @@ def _ready_sql(
             .values("pk")[:limit],
             using,
         )
-    reads, params = [], []
+    reads: list[str] = []
+    params: list[Any] = []
     for number, queue in enumerate(queues):
         sql, read_params = _compiled(
             OutboxEvent.objects.using(using)
