@@ -2,9 +2,8 @@
 
 queue_name has a database default, so adding it rewrites no row (PostgreSQL
 11 and later keep a constant default in the catalogue) and raw INSERTs that
-name no queue still work. The new index is partial, on the ready events
-only: on a healthy table it is small, and building it reads the table once
-while writes wait.
+name no queue still work. Its index comes in 0011, built without blocking
+writes.
 """
 
 import django.core.serializers.json
@@ -51,14 +50,6 @@ class Migration(migrations.Migration):
                 default=list,
                 encoder=django.core.serializers.json.DjangoJSONEncoder,
                 help_text="One entry per failed attempt (when, worker, error class, message and traceback) or operator action (when, who, what). Never the payload.",
-            ),
-        ),
-        migrations.AddIndex(
-            model_name="outboxevent",
-            index=models.Index(
-                condition=models.Q(("status", "pending"), ("waiting", False)),
-                fields=["queue_name", "available_at", "id"],
-                name="outbox_ready_queue_idx",
             ),
         ),
     ]
