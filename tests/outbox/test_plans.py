@@ -242,17 +242,18 @@ def test_claim__puts_the_callers_settings_back(backlog: None) -> None:
         with connection.cursor() as cursor:
             cursor.execute(
                 "SELECT set_config('enable_sort', %s, true), "
-                "set_config('enable_seqscan', %s, true)",
-                [setting, setting],
+                "set_config('enable_seqscan', %s, true), "
+                "set_config('jit', %s, true)",
+                [setting, setting, setting],
             )
             OutboxEvent.objects.claim(
                 worker_id="w", limit=32, lease=timedelta(seconds=30)
             )
             cursor.execute(
                 "SELECT current_setting('enable_sort'), "
-                "current_setting('enable_seqscan')"
+                "current_setting('enable_seqscan'), current_setting('jit')"
             )
-            assert cursor.fetchone() == (setting, setting)
+            assert cursor.fetchone() == (setting, setting, setting)
 
 
 def assert_bounded(taken: Taken, *, statements: int, rows: int | None) -> None:
@@ -272,6 +273,8 @@ def assert_bounded(taken: Taken, *, statements: int, rows: int | None) -> None:
             for node in _nodes(plan)
             if (_read(node) > rows if rows is not None else _unbounded(node))
         ]
+        if plan.get("JIT"):
+            problems.append(f"compiled with JIT: {plan['JIT']}")
         assert not problems, f"{problems} in\n{sql}\n{json.dumps(plan, indent=1)}"
 
 
@@ -324,7 +327,9 @@ def plans() -> Iterator[Taken]:
             raw.execute("RELEASE SAVEPOINT outbox_plan")
             if isinstance(document, str):
                 document = json.loads(document)
-            taken.append((sql, document[0]["Plan"]))
+            # Kept beside the plan's nodes: compiling with JIT costs
+            # hundreds of milliseconds, where these statements take one.
+            taken.append((sql, {**document[0]["Plan"], "JIT": document[0].get("JIT")}))
         return execute(sql, params, many, context)
 
     with connection.execute_wrapper(explain_first):
