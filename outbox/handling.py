@@ -27,6 +27,7 @@ import logging
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
 from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
@@ -140,4 +141,9 @@ def _run_in_transaction(registered: Handler, event: OutboxEvent, using: str) -> 
             raise _LeaseLost
         event.status = Status.COMPLETED
         busy = ordering.advance([event.key], using) if event.key else set()
+        if registered.ended is not None:
+            # Its end is this transaction's: told once it commits, if it does.
+            transaction.on_commit(
+                partial(registered.ended, event), using=using, robust=True
+            )
     return Run(event, Outcome.COMPLETED, recorded=True, keys_to_recheck=busy)

@@ -37,12 +37,20 @@ class Leases:
     def __len__(self) -> int:
         return len(self._held)
 
-    def hold(self, events: Iterable[OutboxEvent]) -> None:
-        """Start keeping these freshly claimed events' leases."""
-        now = time.monotonic()
+    def hold(
+        self, events: Iterable[OutboxEvent], *, claimed_at: float | None = None
+    ) -> None:
+        """Start keeping these freshly claimed events' leases.
+
+        claimed_at: the monotonic time from before the claim, when the lease
+        was confirmed at the latest; what ran between the claim and this call
+        (on_commit callbacks of the claim's transaction) does not count as
+        confirmation.
+        """
+        confirmed = time.monotonic() if claimed_at is None else claimed_at
         with self._lock:
             for event in events:
-                self._held[event.pk] = (event.lease_token or 0, now)
+                self._held[event.pk] = (event.lease_token or 0, confirmed)
 
     def drop(self, events: Iterable[OutboxEvent]) -> None:
         """Stop keeping these events' leases: written, released or lost.

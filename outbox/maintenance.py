@@ -120,7 +120,7 @@ class Maintenance:
             )
             for event in expired:
                 run = failed_run(event, LeaseExpired(event.locked_by), self.backoff)
-                outcome = write_failure(run, worker_id=self.worker_id)
+                outcome = write_failure(run, worker_id=self.worker_id, using=self.using)
                 if outcome is Outcome.FAILED and event.key:
                     finished_keys.add(event.key)
             if finished_keys:

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import transaction
 
 from outbox import ordering, statements
 from outbox.handling import Outcome, Run
@@ -79,10 +79,9 @@ def record(runs: list[Run], *, using: str, worker_id: str) -> Recorded:
     finished_keys: set[str] = set()
     for run in runs:
         if run.recorded:
+            # Its own transaction wrote its end, and told its handler.
             recheck |= run.keys_to_recheck
             _log_completed(run, worker_id)
-            if run.outcome is Outcome.COMPLETED:
-                after_end(run.event, using)
         elif run.outcome is Outcome.COMPLETED:
             run.outcome = _kept(run, run.event.pk in completed, Status.COMPLETED)
             _log_completed(run, worker_id)
@@ -91,7 +90,7 @@ def record(runs: list[Run], *, using: str, worker_id: str) -> Recorded:
         elif run.outcome is Outcome.RELEASED:
             run.outcome = _kept(run, run.event.pk in released, Status.PENDING)
         else:
-            run.outcome = write_failure(run, worker_id=worker_id)
+            run.outcome = write_failure(run, worker_id=worker_id, using=using)
         if (
             run.event.key
             and not run.recorded
@@ -106,7 +105,7 @@ def record(runs: list[Run], *, using: str, worker_id: str) -> Recorded:
     return Recorded(result, recheck)
 
 
-def write_failure(run: Run, *, worker_id: str) -> Outcome:
+def write_failure(run: Run, *, worker_id: str, using: str) -> Outcome:
     """Keep a failed attempt's error and write its retry or its end, fenced."""
     event, error = run.event, run.error
     assert error is not None  # noqa: S101 - a failed run carries its error
@@ -123,7 +122,7 @@ def write_failure(run: Run, *, worker_id: str) -> Outcome:
         return Outcome.LOST
     outcome = run.outcome
     if outcome is Outcome.FAILED:
-        after_end(event, event._state.db or DEFAULT_DB_ALIAS)
+        after_end(event, using)
     log = logger.error if outcome is Outcome.FAILED else logger.warning
     log(
         "outbox event %s id=%s type=%s attempt=%d/%d error=%s",

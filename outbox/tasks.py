@@ -60,6 +60,7 @@ from outbox.errors import PermanentFailure
 from outbox.handling import gives_up
 from outbox.models import OutboxEvent, Status
 from outbox.publishing import MAX_ATTEMPTS_LIMIT, publish
+from outbox.redaction import redact
 from outbox.registry import TASK_EVENT_PREFIX
 from outbox.storable import check_text, encode_json
 
@@ -225,7 +226,7 @@ class OutboxTaskBackend(BaseTaskBackend):
             raise TaskResultDoesNotExist(result_id)
         try:
             task = _task_of(event)
-        except (ImportError, TypeError) as error:
+        except (ImportError, TypeError, ValueError) as error:
             raise TaskResultDoesNotExist(f"{result_id}: {error}") from error
         return task_result(event, task)
 
@@ -434,9 +435,18 @@ def _as_stored(task: _Task, **stored: Any) -> _Task:
     return copy
 
 
-@functools.lru_cache(maxsize=1024)
+#: (path, function) of the tasks found by their path: asked once each.
+_FOUND: set[tuple[str, Any]] = set()
+
+
 def _unfindable(path: str, function: Any) -> str:
-    """Why a worker could not find this task by its path; "" if it can."""
+    """Why a worker could not find this task by its path; "" if it can.
+
+    Only a success is remembered: a failure (a module half imported) is
+    asked again at the next enqueue.
+    """
+    if (path, function) in _FOUND:
+        return ""
     if path.startswith("__main__."):
         return "it is defined in __main__, which a worker does not import"
     try:
@@ -445,6 +455,7 @@ def _unfindable(path: str, function: Any) -> str:
         return "its path does not import"
     if not isinstance(found, Task) or found.func is not function:
         return "that name holds something else"
+    _FOUND.add((path, function))
     return ""
 
 
@@ -492,7 +503,8 @@ def _task_error(error: BaseException) -> TaskError:
     cls = type(error)
     return TaskError(
         exception_class_path=f"{cls.__module__}.{cls.__qualname__}",
-        traceback="".join(format_exception(error)),
+        # As the history keeps it: no address or quoted value for receivers.
+        traceback=redact("".join(format_exception(error))),
     )
 
 

@@ -253,7 +253,7 @@ class Worker:
             recorded = record(finished, using=self.using, worker_id=self.worker_id)
             batch = self._claim(room) if room else Batch(events=[], token=0)
         self.leases.drop(run.event for run in finished)
-        self.leases.hold(batch.events)
+        self.leases.hold(batch.events, claimed_at=started)
         self.maintenance.recheck_later(recorded.keys_to_recheck)
         result = recorded.result
         result.claimed = len(batch)

@@ -16,10 +16,22 @@ INDEX = models.Index(
 
 def create_index(apps, schema_editor):
     model = apps.get_model("outbox", "OutboxEvent")
-    if schema_editor.connection.vendor == "postgresql":
-        schema_editor.add_index(model, INDEX, concurrently=True)
-    else:
+    if schema_editor.connection.vendor != "postgresql":
         schema_editor.add_index(model, INDEX)
+        return
+    # A concurrent build that was interrupted leaves an invalid index of
+    # that name behind: drop it, so running the migration again works.
+    with schema_editor.connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+            [INDEX.name],
+        )
+        found = cursor.fetchone()
+    if found is not None and found[0]:
+        schema_editor.remove_index(model, INDEX, concurrently=True)
+    elif found is not None:
+        return  # built already
+    schema_editor.add_index(model, INDEX, concurrently=True)
 
 
 def drop_index(apps, schema_editor):

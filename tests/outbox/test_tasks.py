@@ -610,6 +610,27 @@ def test_signals__a_task_failed_by_the_rescue_is_finished_too(
     assert ended.finished_at is not None
 
 
+def test_signals__a_failed_tasks_traceback_is_redacted_for_receivers(
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    finished: list[Any] = []
+
+    def receiver(task_result: Any, **kwargs: Any) -> None:
+        finished.append(task_result)
+
+    options(tasks.refused).using(max_attempts=1).enqueue("alice@example.com")
+    task_finished.connect(receiver)
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            drain()
+    finally:
+        task_finished.disconnect(receiver)
+
+    [ended] = finished
+    assert "the server refused <email>" in ended.errors[-1].traceback
+    assert "alice@example.com" not in ended.errors[-1].traceback
+
+
 def test_signals__nothing_finished_before_the_turn_commits() -> None:
     """In a test's transaction nothing commits: drain() sends no task_finished."""
     finished: list[Any] = []

@@ -54,6 +54,11 @@ def fails_at_commit() -> int:
 
 
 @task
+def refused(address: str) -> None:
+    raise ConnectionError(f"the server refused {address}")
+
+
+@task
 def always_fails() -> None:
     raise ValueError("this task always fails")
 
