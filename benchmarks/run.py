@@ -89,8 +89,13 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
         ("ceiling", lambda: w.ceiling(drain_events, batch, database_url)),
         ("publish", lambda: w.publish_rates(1_000 if quick else 5_000)),
         ("drain-1", lambda: w.drain(drain_events, batch, 1)),
+        ("drain-1-metrics", lambda: w.drain(drain_events, batch, 1, metrics=True)),
         ("drain-4", lambda: w.drain(drain_events, batch, 4)),
         ("latency", lambda: w.latency(50 if quick else 1_000, database_url)),
+        (
+            "latency-metrics",
+            lambda: w.latency(50 if quick else 1_000, database_url, metrics=True),
+        ),
         (
             "latency-raw",
             lambda: w.latency(50 if quick else 1_000, database_url, raw=True),
@@ -197,7 +202,18 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
     backlog_1m = best(runs, "backlog-1m")
     claim_start = backlog_1m["notes"]["claim_ms_at_start"]
     claim_end = backlog_1m["notes"]["claim_ms_at_90"]
+    drain_1_metrics = best(runs, "drain-1-metrics")["rate"]
+    p50_metrics = best(runs, "latency-metrics", by="p50_ms")["notes"]["p50_ms"]
     return [
+        check(
+            "drain with metrics on >= 97 % of off",
+            drain_1_metrics / drain_1,
+            ">=",
+            0.97,
+        ),
+        check(
+            "latency p50 with metrics on <= 1.03 x off", p50_metrics / p50, "<=", 1.03
+        ),
         check(
             "tasks drain >= 10 x django-tasks-db",
             tasks_drain / peer_drain,

@@ -6,6 +6,7 @@ the least a safe outbox worker must do per batch, on the same table.
 """
 
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -192,12 +193,17 @@ def _bulk_create(count: int) -> None:
 # --- drain ------------------------------------------------------------------
 
 
-def drain(events: int, batch_size: int, processes: int) -> Measurement:
-    """Drain no-op events with worker processes; the rate from 10 % to 90 %."""
+def drain(
+    events: int, batch_size: int, processes: int, *, metrics: bool = False
+) -> Measurement:
+    """Drain no-op events with worker processes; the rate from 10 % to 90 %.
+
+    metrics: each worker serves Prometheus metrics (--metrics-port).
+    """
     reset()
     fill(events)
     workers = [
-        start_worker("--drain", "--batch-size", str(batch_size))
+        start_worker("--drain", "--batch-size", str(batch_size), *_metrics(metrics))
         for _ in range(processes)
     ]
     started = time.perf_counter()
@@ -212,8 +218,9 @@ def drain(events: int, batch_size: int, processes: int) -> Measurement:
         if worker.wait(timeout=300):
             raise RuntimeError("a benchmark worker failed")
     plural = "es" if processes > 1 else ""
+    metered = ", metrics on" if metrics else ""
     return Measurement(
-        f"drain, {processes} worker process{plural}, batch {batch_size}",
+        f"drain, {processes} worker process{plural}, batch {batch_size}{metered}",
         int(events * 0.8),
         marks[0.9] - marks[0.1],
         {"seconds_with_startup": time.perf_counter() - started},
@@ -276,7 +283,18 @@ def backends() -> int:
 # --- latency ------------------------------------------------------------------
 
 
-def latency(events: int, database_url: str, *, raw: bool = False) -> Measurement:
+def _metrics(on: bool) -> list[str]:
+    """The worker's options that turn its metrics on, on a free port."""
+    if not on:
+        return []
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return ["--metrics-port", str(probe.getsockname()[1])]
+
+
+def latency(
+    events: int, database_url: str, *, raw: bool = False, metrics: bool = False
+) -> Measurement:
     """Commit to handler start, events 10 ms apart, one idle worker.
 
     raw: the same with benchmarks/raw_worker.py, the floor a worker that
@@ -291,7 +309,7 @@ def latency(events: int, database_url: str, *, raw: bool = False) -> Measurement
         assert worker.stdout is not None  # noqa: S101 - piped above
         worker.stdout.readline()  # "raw worker listening"
     else:
-        worker = start_worker()
+        worker = start_worker(*_metrics(metrics))
     time.sleep(2)  # started and idle, waiting with the default poll interval
     committed: dict[str, float] = {}
     started = time.perf_counter()
@@ -316,8 +334,9 @@ def latency(events: int, database_url: str, *, raw: bool = False) -> Measurement
         for row in HandlerStart.objects.all()
     )
     cuts = statistics.quantiles(latencies, n=100)
+    kind = ", raw psycopg worker" if raw else ", metrics on" if metrics else ""
     return Measurement(
-        "latency, commit to handler start" + (", raw psycopg worker" if raw else ""),
+        "latency, commit to handler start" + kind,
         len(latencies),
         time.perf_counter() - started,
         {

@@ -185,6 +185,7 @@ OUTBOX: dict[str, Any] = {
         "PRUNE_FAILED_AFTER_DAYS",
         "CONCURRENCY",
         "MAX_PAYLOAD_BYTES",
+        "METRICS_PORT",
     )
     if os.environ.get(f"OUTBOX_{name}", "").strip()
 }

@@ -21,7 +21,24 @@ def check_outbox_settings(**kwargs: Any) -> list[CheckMessage]:
     ]
     if not errors:
         errors += _concurrency_errors()
+        errors += _metrics_errors()
     return errors
+
+
+def _metrics_errors() -> list[CheckMessage]:
+    """Refuse a metrics port without the library that serves it."""
+    from outbox import metrics
+
+    if get_settings().metrics_port is None or metrics.available():
+        return []
+    return [
+        Error(
+            "settings.OUTBOX['METRICS_PORT'] (environment variable "
+            "OUTBOX_METRICS_PORT) is set, but prometheus-client is not "
+            "installed: install the 'metrics' extra, or unset it.",
+            id="outbox.E004",
+        )
+    ]
 
 
 def _concurrency_errors() -> list[CheckMessage]:

@@ -26,10 +26,13 @@ POSITIVE_INTEGERS = (
     "PRUNE_FAILED_AFTER_DAYS",
     "CONCURRENCY",
     "MAX_PAYLOAD_BYTES",
+    "METRICS_PORT",
 )
 #: The longest worker id: the columns that record it (OutboxEvent.locked_by,
 #: OutboxWorker.worker_id) are varchar(200).
 WORKER_ID_MAX_LENGTH = 200
+#: The highest TCP port, for METRICS_PORT.
+MAX_PORT = 65535
 #: The longest queue name: OutboxEvent.queue_name is varchar(200).
 QUEUE_NAME_MAX_LENGTH = 200
 
@@ -55,6 +58,8 @@ class OutboxSettings:
     #: publish() refuses a payload whose JSON is longer: a payload carries
     #: ids, not documents, and every claim reads the payloads it takes.
     max_payload_bytes: int = 1_048_576
+    #: Workers serve Prometheus metrics on this port (outbox.metrics); None: off.
+    metrics_port: int | None = None
 
     @property
     def default_worker_id(self) -> str:
@@ -79,6 +84,13 @@ def problems(raw: dict[str, Any]) -> list[str]:
             )
     if "WORKER_ID" in raw:
         messages += _worker_id_problems(raw["WORKER_ID"])
+    port = _positive_int(raw.get("METRICS_PORT"))
+    if port is not None and port > MAX_PORT:
+        messages.append(
+            f"settings.OUTBOX['METRICS_PORT'] (environment variable "
+            f"OUTBOX_METRICS_PORT) must be a port number up to {MAX_PORT}, "
+            f"got {raw['METRICS_PORT']!r}."
+        )
     if "LISTEN" in raw and not isinstance(raw["LISTEN"], bool):
         messages.append("settings.OUTBOX['LISTEN'] must be True or False.")
     return messages

@@ -25,6 +25,7 @@ import asyncio
 import enum
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
@@ -91,10 +92,19 @@ class Run:
     retry_in: timedelta | None = None
     #: Keys whose next event a publisher held back from promotion.
     keys_to_recheck: set[str] = field(default_factory=set)
+    #: Seconds the run took, its transaction included (None: never ran).
+    duration: float | None = None
 
 
 def run_event(event: OutboxEvent, *, using: str, backoff: Backoff) -> Run:
     """Run the event's handler in a transaction of its own; return how it ended."""
+    started = time.perf_counter()
+    run = _run(event, using, backoff)
+    run.duration = time.perf_counter() - started
+    return run
+
+
+def _run(event: OutboxEvent, using: str, backoff: Backoff) -> Run:
     registered = get_handler(event.event_type)
     if registered is None:
         return failed_run(event, HandlerNotFound(event.event_type), backoff)

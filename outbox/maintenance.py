@@ -27,6 +27,7 @@ from django.db import DatabaseError, transaction
 from outbox import ordering
 from outbox.errors import LeaseExpired
 from outbox.handling import Backoff, Outcome, failed_run
+from outbox.metrics import NoMetrics, WorkerMetrics
 from outbox.models import OutboxEvent
 from outbox.pruning import prune
 from outbox.recording import write_failure
@@ -67,8 +68,10 @@ class Maintenance:
         backoff: Backoff,
         prune_after_days: int | None,
         prune_failed_after_days: int | None = None,
+        metrics: "WorkerMetrics | NoMetrics | None" = None,
     ) -> None:
         self.using = using
+        self.metrics = metrics or NoMetrics()
         self.worker_id = worker_id
         self.backoff = backoff
         self.prune_after_days = prune_after_days
@@ -125,6 +128,7 @@ class Maintenance:
                     finished_keys.add(event.key)
             if finished_keys:
                 self.recheck_later(ordering.advance(finished_keys, self.using))
+        self.metrics.rescued_leases(len(expired))
         if expired:
             logger.warning(
                 "outbox rescued %d events with expired leases",

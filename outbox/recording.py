@@ -32,6 +32,8 @@ class BatchResult:
     failed: int = 0
     released: int = 0
     lost: int = 0
+    #: How long the turn that recorded and claimed these took.
+    seconds: float = 0.0
 
     def count(self, outcome: Outcome, number: int = 1) -> None:
         match outcome:

@@ -95,6 +95,11 @@ def _task_handler(event_type: str) -> Handler | None:
     return Handler(event_type, run_task, None, ended=task_ended)
 
 
+def is_registered(event_type: str) -> bool:
+    """Whether a handler is registered for exactly this event type."""
+    return event_type in _handlers
+
+
 def registered_event_types() -> list[str]:
     """Return the event types that have a handler, sorted."""
     return sorted(_handlers)

@@ -31,6 +31,7 @@ from types import FrameType
 from django.db import DatabaseError, connections
 from django.db.models.functions import Now
 
+from outbox.metrics import WorkerMetrics
 from outbox.models import OutboxEvent, OutboxWorker
 from outbox.monitoring import heartbeat_interval
 from outbox.recording import BatchResult
@@ -49,6 +50,8 @@ class RunOptions:
     max_events: int | None = None
     shutdown_timeout: float = 30.0
     listen: bool = True
+    #: Serve /metrics here (the worker's metrics must be a WorkerMetrics).
+    metrics_port: int | None = None
 
 
 class Runner:
@@ -71,6 +74,7 @@ class Runner:
     def run(self) -> int:
         """Loop until stopped, drained or max_events; return the exit status."""
         with self._signal_handlers():
+            self._serve_metrics()
             self._log_start()
             self.waiter.start()
             self.heartbeat.start()
@@ -87,6 +91,8 @@ class Runner:
                 self.heartbeat.stop()
                 self.heartbeat.unregister()
                 self.waiter.close()
+                if isinstance(self.worker.metrics, WorkerMetrics):
+                    self.worker.metrics.close()
                 connections.close_all()
                 if self._shutdown_timer is not None:
                     self._shutdown_timer.cancel()  # stopped in time
@@ -107,6 +113,17 @@ class Runner:
         self._stopping.set()
         self.worker.stop()
         self.waiter.interrupt()
+
+    def _serve_metrics(self) -> None:
+        metrics = self.worker.metrics
+        if self.options.metrics_port is None or not isinstance(metrics, WorkerMetrics):
+            return
+        port = metrics.serve(self.options.metrics_port)
+        logger.info(
+            "outbox worker metrics on port %d at /metrics",
+            port,
+            extra={"worker_id": self.worker.worker_id, "metrics_port": port},
+        )
 
     def _log_start(self) -> None:
         try:
@@ -202,9 +219,11 @@ class Heartbeat:
             self._thread.join(self.every + 1)
 
     def beat(self) -> None:
-        """Record the worker as alive and extend its leases, once."""
+        """Record the worker as alive and extend its leases, once; read the
+        backlog's gauges when metrics are on."""
         self.register()
         self.worker.leases.extend()
+        self.worker.metrics.read_backlog(self.worker.using)
 
     def register(self) -> None:
         OutboxWorker.objects.using(self.worker.using).update_or_create(

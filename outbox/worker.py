@@ -40,6 +40,7 @@ from outbox.conf import (
 from outbox.handling import Backoff, Run, run_event
 from outbox.leases import Leases
 from outbox.maintenance import Maintenance
+from outbox.metrics import NoMetrics, WorkerMetrics
 from outbox.models import Batch, OutboxEvent
 from outbox.recording import BatchResult, record
 from outbox.redaction import RedactTracebacks
@@ -93,6 +94,7 @@ class Worker:
         concurrency: int | None = None,
         queues: Collection[str] = (),
         settings: OutboxSettings | None = None,
+        metrics: "WorkerMetrics | NoMetrics | None" = None,
     ) -> None:
         self.settings = settings or get_settings()
         # Refused here, not by the first claim, which would fail writing it.
@@ -115,6 +117,8 @@ class Worker:
             self.settings.backoff_base_ms, self.settings.backoff_cap_ms
         )
         self.leases = Leases(using=self.using, duration=self.lease)
+        #: What the loop tells of its work (outbox.metrics); nothing by default.
+        self.metrics = metrics or NoMetrics()
         self.maintenance = Maintenance(
             using=self.using,
             worker_id=self.worker_id,
@@ -122,6 +126,7 @@ class Worker:
             backoff=self.backoff,
             prune_after_days=self.settings.prune_after_days,
             prune_failed_after_days=self.settings.prune_failed_after_days,
+            metrics=self.metrics,
         )
 
     def stop(self) -> None:
@@ -179,10 +184,12 @@ class Worker:
                     wakeup.wait(error_delay)
                     continue
                 error_delay = 0.0
-                finished = []
+                recorded, finished = finished, []
                 total += result
                 self._refresh_connection()
                 slots.start(batch.events)
+                # After the start: metrics stay off the claim-to-handler path.
+                self._measure(recorded, batch, result)
                 if batch or result.finished:
                     if slots.queued:
                         # Every slot is busy and has its next event: let a
@@ -257,9 +264,18 @@ class Worker:
         self.maintenance.recheck_later(recorded.keys_to_recheck)
         result = recorded.result
         result.claimed = len(batch)
+        result.seconds = time.monotonic() - started
         if finished:
             self._log_turn(result, started)
         return batch, result
+
+    def _measure(self, recorded: list[Run], batch: Batch, result: BatchResult) -> None:
+        """Tell the metrics of a turn: what it recorded, claimed, and took."""
+        if not recorded and not batch:
+            return
+        self.metrics.recorded(recorded)
+        self.metrics.claimed(batch.events)
+        self.metrics.turn(result.seconds, len(self.leases))
 
     def _claim(self, limit: int) -> Batch:
         return OutboxEvent.objects.using(self.using).claim(
@@ -280,6 +296,7 @@ class Worker:
         slots.start(batch.events)
         finished = slots.collect()
         _, result = self._turn(finished, 0)
+        self._measure(finished, Batch(events=[], token=0), result)
         result.claimed = len(batch)
         return result
 

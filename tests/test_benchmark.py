@@ -29,8 +29,10 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "ceiling",
         "publish",
         "drain-1",
+        "drain-1-metrics",
         "drain-4",
         "latency",
+        "latency-metrics",
         "latency-raw",
         "io-1",
         "io-16",
@@ -50,5 +52,5 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "backlog-1m-c16",
     }
     assert all(len(runs) == 1 for runs in report["runs"].values())
-    assert len(report["targets"]) == 20
+    assert len(report["targets"]) == 22
     assert "drain-1 >= 60 % of the ceiling" in result.stdout

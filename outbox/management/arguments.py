@@ -3,6 +3,7 @@
 import argparse
 from datetime import timedelta
 
+from outbox.conf import MAX_PORT
 from outbox.pruning import parse_duration
 
 
@@ -14,6 +15,14 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def port_number(text: str) -> int:
+    """Parse a TCP port: 1 to 65535."""
+    value = positive_int(text)
+    if value > MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{value} is not a port (1 to {MAX_PORT})")
     return value
 
 

@@ -4,8 +4,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections, router
 
+from outbox import metrics
 from outbox.conf import check_queue_name, check_worker_id, get_settings
-from outbox.management.arguments import positive_int, positive_seconds
+from outbox.management.arguments import port_number, positive_int, positive_seconds
 from outbox.models import OutboxEvent
 from outbox.runner import Runner, RunOptions
 from outbox.worker import Worker
@@ -58,6 +59,13 @@ class Command(BaseCommand):
             "queue). publish() and tasks without a queue_name use 'default'.",
         )
         parser.add_argument(
+            "--metrics-port",
+            type=port_number,
+            default=settings.metrics_port,
+            help="Serve Prometheus metrics on this port at /metrics "
+            "(default: OUTBOX_METRICS_PORT, else off).",
+        )
+        parser.add_argument(
             "--drain",
             action="store_true",
             help="Exit 0 once no event is ready (default: run until stopped).",
@@ -85,6 +93,7 @@ class Command(BaseCommand):
         stuck_timeout_ms: int,
         worker_id: str,
         queues: list[str],
+        metrics_port: int | None,
         drain: bool,
         max_events: int | None,
         shutdown_timeout: float,
@@ -111,6 +120,10 @@ class Command(BaseCommand):
         logger.setLevel(VERBOSITY_LEVELS.get(verbosity, logging.DEBUG))
         if not logger.handlers and not logging.getLogger().handlers:
             logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        if metrics_port is not None and not metrics.available():
+            raise CommandError(
+                "--metrics-port needs prometheus-client: install the 'metrics' extra."
+            )
         settings = get_settings()
         worker = Worker(
             worker_id=worker_id,
@@ -119,6 +132,7 @@ class Command(BaseCommand):
             stuck_timeout_ms=stuck_timeout_ms,
             queues=queues,
             settings=settings,
+            metrics=metrics.WorkerMetrics() if metrics_port is not None else None,
         )
         runner = Runner(
             worker,
@@ -128,6 +142,7 @@ class Command(BaseCommand):
                 max_events=max_events,
                 shutdown_timeout=shutdown_timeout,
                 listen=settings.listen,
+                metrics_port=metrics_port,
             ),
         )
         status = runner.run()
