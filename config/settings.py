@@ -186,6 +186,7 @@ OUTBOX: dict[str, Any] = {
         "CONCURRENCY",
         "MAX_PAYLOAD_BYTES",
         "METRICS_PORT",
+        "METRICS_TOKEN",
     )
     if os.environ.get(f"OUTBOX_{name}", "").strip()
 }

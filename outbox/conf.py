@@ -31,6 +31,8 @@ POSITIVE_INTEGERS = (
 #: The longest worker id: the columns that record it (OutboxEvent.locked_by,
 #: OutboxWorker.worker_id) are varchar(200).
 WORKER_ID_MAX_LENGTH = 200
+#: The shortest METRICS_TOKEN: one a scraper sends, not a password to guess.
+TOKEN_MIN_LENGTH = 24
 #: The highest TCP port, for METRICS_PORT.
 MAX_PORT = 65535
 #: The longest queue name: OutboxEvent.queue_name is varchar(200).
@@ -60,6 +62,8 @@ class OutboxSettings:
     max_payload_bytes: int = 1_048_576
     #: Workers serve Prometheus metrics on this port (outbox.metrics); None: off.
     metrics_port: int | None = None
+    #: The bearer token outbox.metrics.metrics_view asks for; "": view off.
+    metrics_token: str = ""
 
     @property
     def default_worker_id(self) -> str:
@@ -91,6 +95,12 @@ def problems(raw: dict[str, Any]) -> list[str]:
             f"OUTBOX_METRICS_PORT) must be a port number up to {MAX_PORT}, "
             f"got {raw['METRICS_PORT']!r}."
         )
+    if "METRICS_TOKEN" in raw and not _is_token(raw["METRICS_TOKEN"]):
+        messages.append(
+            "settings.OUTBOX['METRICS_TOKEN'] (environment variable "
+            f"OUTBOX_METRICS_TOKEN) must be a string of at least {TOKEN_MIN_LENGTH} "
+            "characters, or empty to turn the metrics view off."
+        )
     if "LISTEN" in raw and not isinstance(raw["LISTEN"], bool):
         messages.append("settings.OUTBOX['LISTEN'] must be True or False.")
     return messages
@@ -103,6 +113,10 @@ def check_worker_id(value: object, *, name: str) -> str:
     from outbox.storable import check_text
 
     return check_text(value, name=name, limit=WORKER_ID_MAX_LENGTH)
+
+
+def _is_token(value: object) -> bool:
+    return isinstance(value, str) and (not value or len(value) >= TOKEN_MIN_LENGTH)
 
 
 def check_queue_name(value: object, *, name: str) -> str:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker: run_outbox_worker --metrics-port PORT.
+"""Prometheus metrics: a worker's (--metrics-port), and publish()'s (a view).
 
 Needs prometheus-client (the "metrics" extra). The worker serves /metrics
 from a thread of its own, on its own registry:
@@ -14,6 +14,10 @@ from a thread of its own, on its own registry:
 - outbox_ready_events, outbox_failed_events (counted up to COUNT_CAP) and
   outbox_oldest_ready_age_seconds: read by the heartbeat thread, on its own
   connection, once per heartbeat (10 s at most).
+
+The web process's side, publish() counted per event type and its refusals
+per error class, is metrics_view(), for a project to mount; it asks for
+the bearer token OUTBOX_METRICS_TOKEN and is off (404) without one.
 
 Labels stay bounded: an event type is its own label value when a handler
 is registered for it, or for the first TASK_LABELS task paths; any other
@@ -241,3 +245,84 @@ class NoMetrics:
 
     def read_backlog(self, using: str) -> None:
         """Nothing to read."""
+
+
+# -- the web process's side: publish() --------------------------------------
+
+
+class PublishMetrics:
+    """What publish() and publish_many() count, on a registry of their own."""
+
+    def __init__(self) -> None:
+        assert prometheus_client is not None  # noqa: S101 - callers check
+        p = prometheus_client
+        self.registry = p.CollectorRegistry()
+        self.label = EventTypeLabels()
+        self.published = p.Counter(
+            "outbox_published",
+            "Events written by publish() (their transaction may yet roll back).",
+            ["event_type"],
+            registry=self.registry,
+        )
+        self.refused = p.Counter(
+            "outbox_publish_errors",
+            "Calls of publish() refused before writing, by error class.",
+            ["event_type", "error"],
+            registry=self.registry,
+        )
+        self._cached: dict[str, Any] = {}
+
+    def wrote(self, event_type: str) -> None:
+        counter = self._cached.get(event_type)
+        if counter is None:
+            counter = self.published.labels(self.label(event_type))
+            if len(self._cached) < SERIES_CACHE:
+                self._cached[event_type] = counter
+        counter.inc()
+
+    def failed(self, event_type: object, error: BaseException) -> None:
+        label = self.label(event_type) if isinstance(event_type, str) else OTHER
+        self.refused.labels(label, type(error).__name__).inc()
+
+
+_publish_metrics: PublishMetrics | None = None
+
+
+def publish_metrics() -> PublishMetrics | None:
+    """The process's publish() metrics; None without prometheus-client."""
+    global _publish_metrics  # one per process, made on first use
+    if _publish_metrics is None and prometheus_client is not None:
+        _publish_metrics = PublishMetrics()
+    return _publish_metrics
+
+
+def metrics_view(request: Any) -> Any:
+    """Serve this process's publish() metrics to a scraper with the token.
+
+    Mount it where the scraper reaches it, e.g. in urls.py:
+    path("outbox/metrics", metrics_view). It answers 404 while
+    OUTBOX_METRICS_TOKEN is unset, and 403 without the right
+    "Authorization: Bearer <token>"; GET and HEAD only.
+    """
+    import hmac
+
+    from django.http import Http404, HttpResponse, HttpResponseNotAllowed
+    from django.http.response import HttpResponseForbidden
+
+    from outbox.conf import get_settings
+
+    token = get_settings().metrics_token
+    collected = publish_metrics()
+    if not token or collected is None:
+        raise Http404("The outbox's metrics view is off.")
+    if request.method not in ("GET", "HEAD"):
+        return HttpResponseNotAllowed(["GET", "HEAD"])
+    sent = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    if not hmac.compare_digest(sent.encode(), expected.encode()):
+        return HttpResponseForbidden("A bearer token is needed.")
+    assert prometheus_client is not None  # noqa: S101 - collected is not None
+    return HttpResponse(
+        prometheus_client.generate_latest(collected.registry),
+        content_type=prometheus_client.CONTENT_TYPE_LATEST,
+    )

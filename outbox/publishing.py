@@ -15,6 +15,7 @@ from django.db import IntegrityError, connections, router, transaction
 
 from outbox import ordering
 from outbox.conf import OutboxSettings, check_queue_name, get_settings
+from outbox.metrics import PublishMetrics, publish_metrics
 from outbox.models import DEFAULT_QUEUE, OutboxEvent
 from outbox.registry import get_handler
 from outbox.storable import check_text, encode_json
@@ -106,9 +107,13 @@ def publish(
     A worker started with --queue claims only its queues' events; without
     one, the event is in the queue named "default".
     """
-    event = NewEvent(
-        event_type, payload, key, idempotency_key, available_at, max_attempts, queue
-    ).build()
+    counted = publish_metrics()
+    event = _build(
+        NewEvent(
+            event_type, payload, key, idempotency_key, available_at, max_attempts, queue
+        ),
+        counted,
+    )
     using = router.db_for_write(OutboxEvent)
     # A plain event needs no transaction of its own: in autocommit mode its
     # INSERT is one. A key's lock must cover the insert, so a keyed event
@@ -121,6 +126,8 @@ def publish(
         if event.key:
             ordering.join_queue(event, using)
         event = _insert_one(event, using)
+    if counted is not None:
+        counted.wrote(event.event_type)
     return event
 
 
@@ -131,7 +138,8 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
     idempotency keys (an existing one returns the existing event; a repeat in
     the batch returns the first), and per-key publish order.
     """
-    built = [new.build() for new in events]
+    counted = publish_metrics()
+    built = [_build(new, counted) for new in events]
     using = router.db_for_write(OutboxEvent)
     with _in_transaction(using):
         stored = _existing_events(
@@ -149,10 +157,23 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
         for event in fresh:
             if event.idempotency_key:
                 stored[event.idempotency_key] = event
+    if counted is not None:
+        for event in fresh:
+            counted.wrote(event.event_type)
     return [
         stored[event.idempotency_key] if event.idempotency_key else event
         for event in built
     ]
+
+
+def _build(new: NewEvent, counted: PublishMetrics | None) -> OutboxEvent:
+    """Build the event, counting a refusal in the process's metrics."""
+    try:
+        return new.build()
+    except (TypeError, ValueError) as error:
+        if counted is not None:
+            counted.failed(new.event_type, error)
+        raise
 
 
 def _in_transaction(using: str) -> Any:

@@ -206,3 +206,90 @@ def test_worker_process__serves_counters_that_rise_with_what_it_handled(
     )
     assert "outbox_ready_events 0.0" in scrape(port)
     assert worker.stop() == 0
+
+
+# -- the web process's side ---------------------------------------------------
+
+
+TOKEN = "t" * 32
+
+
+def published(event_type: str) -> float:
+    from outbox.metrics import publish_metrics
+
+    counted = publish_metrics()
+    assert counted is not None
+    value = counted.registry.get_sample_value(
+        "outbox_published_total", {"event_type": event_type}
+    )
+    return value or 0.0
+
+
+@pytest.mark.sqlite
+@pytest.mark.django_db
+def test_publish__counts_what_it_wrote_and_what_it_refused(register_handler) -> None:
+    from outbox import NewEvent, publish_many
+    from outbox.metrics import publish_metrics
+
+    register_handler("metered.ok", lambda event: None)
+    before = published("metered.ok")
+    counted = publish_metrics()
+    assert counted is not None
+    refused = (
+        "outbox_publish_errors_total",
+        {"event_type": "metered.ok", "error": "TypeError"},
+    )
+    refused_before = counted.registry.get_sample_value(*refused) or 0.0
+
+    publish("metered.ok", {})
+    publish_many([NewEvent("metered.ok", {}), NewEvent("metered.ok", {})])
+    with pytest.raises(TypeError):
+        publish("metered.ok", {"not": object()})
+
+    assert published("metered.ok") == before + 3
+    assert (counted.registry.get_sample_value(*refused) or 0.0) == refused_before + 1
+
+
+def call_view(method: str = "get", authorization: str | None = None) -> object:
+    from django.test import RequestFactory
+
+    from outbox.metrics import metrics_view
+
+    headers = {"Authorization": authorization} if authorization else {}
+    request = getattr(RequestFactory(), method)("/outbox/metrics", headers=headers)
+    return metrics_view(request)
+
+
+def test_metrics_view__is_off_without_a_token() -> None:
+    from django.http import Http404
+
+    with pytest.raises(Http404):
+        call_view(authorization=f"Bearer {TOKEN}")
+
+
+@override_settings(OUTBOX={"METRICS_TOKEN": TOKEN})
+@pytest.mark.parametrize(
+    ("method", "authorization", "status"),
+    [
+        ("get", None, 403),
+        ("get", "Bearer " + "x" * 32, 403),
+        ("get", f"Bearer {TOKEN}", 200),
+        ("head", f"Bearer {TOKEN}", 200),
+        ("post", f"Bearer {TOKEN}", 405),
+    ],
+)
+def test_metrics_view__serves_publish_counters_to_the_token_only(
+    method: str, authorization: str | None, status: int
+) -> None:
+    response = call_view(method, authorization)
+
+    assert response.status_code == status  # type: ignore[attr-defined]
+    if status == 200 and method == "get":
+        assert b"outbox_published_total" in response.content  # type: ignore[attr-defined]
+
+
+def test_metrics_token__a_short_one_fails_the_check() -> None:
+    with override_settings(OUTBOX={"METRICS_TOKEN": "short"}):
+        [error] = check_outbox_settings()
+
+    assert "OUTBOX_METRICS_TOKEN" in error.msg
