@@ -7,7 +7,8 @@ from a thread of its own, on its own registry:
   (completed, retried, failed, released, lost);
 - outbox_handler_duration_seconds{event_type}: each run of a handler;
 - outbox_claim_lag_seconds: when a claim took an event, minus when it
-  became available (the database's clock for both);
+  became available (the database's clock for both), waiting behind an
+  earlier event of its key included;
 - outbox_batch_duration_seconds: each turn that recorded or claimed;
 - outbox_in_flight: events claimed and not yet recorded;
 - outbox_leases_rescued_total: events this worker rescued from dead ones;
@@ -24,6 +25,7 @@ is registered for it, or for the first TASK_LABELS task paths; any other
 shares the value "other", so a producer cannot grow the series without end.
 """
 
+import logging
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -35,10 +37,14 @@ try:
 except ImportError:  # pragma: no cover - the extra is installed in dev
     prometheus_client = None  # type: ignore[assignment]
 
+logger = logging.getLogger(__name__)
+
 #: Event types that share one label value.
 OTHER = "other"
 #: Distinct task paths given a label value of their own, per process.
 TASK_LABELS = 200
+#: The longest label value: an event type's column holds 200 characters.
+LABEL_LIMIT = 200
 #: (event type, outcome) pairs whose series are looked up once.
 SERIES_CACHE = 2000
 #: Ready and failed events are counted up to this many; beyond, this + 1.
@@ -78,6 +84,8 @@ class EventTypeLabels:
         self._tasks: set[str] = set()
 
     def __call__(self, event_type: str) -> str:
+        if len(event_type) > LABEL_LIMIT:
+            return OTHER  # no event holds it (a refused one, say)
         if event_type.startswith(registry.TASK_EVENT_PREFIX):
             if event_type in self._tasks:
                 return event_type
@@ -200,12 +208,21 @@ class WorkerMetrics:
         from outbox.models import OutboxEvent, Status
 
         events = OutboxEvent.objects.using(using)
-        with statements.in_index_order(using):
-            ready = events.ready()[: COUNT_CAP + 1].count()
-            failed = events.filter(status=Status.FAILED, discarded_at__isnull=True)[
-                : COUNT_CAP + 1
-            ].count()
-        lag = monitoring.ready_lag(using=using) or timedelta(0)
+        try:
+            with statements.in_index_order(using):
+                ready = events.ready()[: COUNT_CAP + 1].count()
+                failed_events = events.filter(
+                    status=Status.FAILED, discarded_at__isnull=True
+                )
+                failed = failed_events[: COUNT_CAP + 1].count()
+            lag = monitoring.ready_lag(using=using) or timedelta(0)
+        except Exception as error:  # the heartbeat's other work goes on
+            logger.warning(
+                "outbox metrics could not read the backlog: %s; the gauges "
+                "keep their last values",
+                type(error).__name__,
+            )
+            return
         self.ready.set(ready)
         self.failed.set(failed)
         self.oldest_ready_age.set(lag.total_seconds())

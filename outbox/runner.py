@@ -50,8 +50,6 @@ class RunOptions:
     max_events: int | None = None
     shutdown_timeout: float = 30.0
     listen: bool = True
-    #: Serve /metrics here (the worker's metrics must be a WorkerMetrics).
-    metrics_port: int | None = None
 
 
 class Runner:
@@ -74,7 +72,6 @@ class Runner:
     def run(self) -> int:
         """Loop until stopped, drained or max_events; return the exit status."""
         with self._signal_handlers():
-            self._serve_metrics()
             self._log_start()
             self.waiter.start()
             self.heartbeat.start()
@@ -113,17 +110,6 @@ class Runner:
         self._stopping.set()
         self.worker.stop()
         self.waiter.interrupt()
-
-    def _serve_metrics(self) -> None:
-        metrics = self.worker.metrics
-        if self.options.metrics_port is None or not isinstance(metrics, WorkerMetrics):
-            return
-        port = metrics.serve(self.options.metrics_port)
-        logger.info(
-            "outbox worker metrics on port %d at /metrics",
-            port,
-            extra={"worker_id": self.worker.worker_id, "metrics_port": port},
-        )
 
     def _log_start(self) -> None:
         try:

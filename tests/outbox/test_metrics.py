@@ -293,3 +293,33 @@ def test_metrics_token__a_short_one_fails_the_check() -> None:
         [error] = check_outbox_settings()
 
     assert "OUTBOX_METRICS_TOKEN" in error.msg
+
+
+def test_labels__an_event_type_no_column_holds_is_other() -> None:
+    label = EventTypeLabels()
+
+    assert label("task:" + "x" * 300) == OTHER
+
+
+@pytest.mark.django_db
+def test_command__a_metrics_port_in_use_is_a_command_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # noqa: S104 - as the worker binds
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        with pytest.raises(CommandError, match=f"--metrics-port {port}: "):
+            call_command("run_outbox_worker", "--metrics-port", str(port), "--drain")
+
+
+def test_backlog_gauges__a_failed_read_keeps_the_last_values(monkeypatch) -> None:
+    metrics = WorkerMetrics()
+    metrics.ready.set(7)
+
+    def down(using: str) -> None:
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr("outbox.statements.in_index_order", down)
+    metrics.read_backlog("default")
+
+    assert sample(metrics, "outbox_ready_events") == 7

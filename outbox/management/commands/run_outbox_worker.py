@@ -142,9 +142,26 @@ class Command(BaseCommand):
                 max_events=max_events,
                 shutdown_timeout=shutdown_timeout,
                 listen=settings.listen,
-                metrics_port=metrics_port,
             ),
         )
+        if isinstance(worker.metrics, metrics.WorkerMetrics):
+            self._serve(worker, metrics_port)
         status = runner.run()
         if status:
             raise SystemExit(status)
+
+    def _serve(self, worker: Worker, port: int | None) -> None:
+        """Serve the worker's metrics; a port taken is a CommandError."""
+        assert isinstance(worker.metrics, metrics.WorkerMetrics)  # noqa: S101
+        assert port is not None  # noqa: S101 - the metrics were made for it
+        try:
+            served = worker.metrics.serve(port)
+        except OSError as error:
+            raise CommandError(
+                f"--metrics-port {port}: {error.strerror or error}"
+            ) from None
+        logging.getLogger("outbox.runner").info(
+            "outbox worker metrics on port %d at /metrics",
+            served,
+            extra={"worker_id": worker.worker_id, "metrics_port": served},
+        )
