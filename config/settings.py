@@ -207,14 +207,20 @@ LOG_LEVEL = env_choice(
     default="INFO",
     choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
 )
+# "json": one JSON object per line, with the fields the worker logs
+# (outbox/logs.py), for a log pipeline; "plain" for people.
+LOG_FORMAT = env_choice(
+    "DJANGO_LOG_FORMAT", default="PLAIN", choices=("PLAIN", "JSON")
+).lower()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "outbox.logs.JsonFormatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain"},
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT},
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
