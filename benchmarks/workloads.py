@@ -329,14 +329,19 @@ def latency(
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+    kind = ", raw psycopg worker" if raw else ", metrics on" if metrics else ""
+    return _latencies("latency, commit to handler start" + kind, committed, started)
+
+
+def _latencies(name: str, committed: dict[str, float], started: float) -> Measurement:
+    """Commit to start per event, from HandlerStart rows, as percentiles."""
     latencies = sorted(
         (row.started_at - committed[str(row.event_uuid)]) * 1000
         for row in HandlerStart.objects.all()
     )
     cuts = statistics.quantiles(latencies, n=100)
-    kind = ", raw psycopg worker" if raw else ", metrics on" if metrics else ""
     return Measurement(
-        "latency, commit to handler start" + kind,
+        name,
         len(latencies),
         time.perf_counter() - started,
         {
@@ -683,14 +688,4 @@ def _task_latency(name: str, task: Any, worker: Any, count: int) -> Measurement:
     finally:
         process.terminate()
         process.wait(timeout=30)
-    latencies = sorted(
-        (row.started_at - committed[str(row.event_uuid)]) * 1000
-        for row in HandlerStart.objects.all()
-    )
-    cuts = statistics.quantiles(latencies, n=100)
-    return Measurement(
-        f"tasks, {name}, latency, commit to start",
-        len(latencies),
-        time.perf_counter() - started,
-        {"p50_ms": cuts[49], "p95_ms": cuts[94], "p99_ms": cuts[98]},
-    )
+    return _latencies(f"tasks, {name}, latency, commit to start", committed, started)

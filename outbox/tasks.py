@@ -186,22 +186,20 @@ class OutboxTaskBackend(BaseTaskBackend):
             # The event's available_at moves with its retries; this stays.
             payload["run_after"] = task.run_after.isoformat()
         try:
-            encode_json(
+            # publish() encodes the payload once and refuses, before any
+            # query, what the column cannot store (NUL, size): the task's
+            # fields were validated above, so what it refuses is the arguments.
+            event = publish(
+                TASK_EVENT_PREFIX + task.module_path,
                 payload,
-                name="The task's arguments",
-                max_bytes=get_settings().max_payload_bytes,
+                key=getattr(task, "key", None),
+                max_attempts=getattr(task, "max_attempts", None)
+                or self._default_max_attempts(),
+                available_at=task.run_after,
+                queue=task.queue_name,
             )
         except (TypeError, ValueError) as error:
-            raise InvalidTask(str(error)) from None
-        event = publish(
-            TASK_EVENT_PREFIX + task.module_path,
-            payload,
-            key=getattr(task, "key", None),
-            max_attempts=getattr(task, "max_attempts", None)
-            or self._default_max_attempts(),
-            available_at=task.run_after,
-            queue=task.queue_name,
-        )
+            raise InvalidTask(f"Task arguments: {error}") from None
         result = cast("TaskResult[_P, _R]", task_result(event, task))
         # Once it exists for others: never for a transaction rolled back.
         transaction.on_commit(

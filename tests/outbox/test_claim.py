@@ -327,3 +327,29 @@ def test_claim__skips_events_another_claim_holds_without_waiting():
         "holder",
         1,
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_claim_of_several_queues__skips_events_another_claim_holds() -> None:
+    """Each queue's read in the merged claim locks with SKIP LOCKED too."""
+    held = publish("x", {}, queue="a")
+    free = [publish("x", {}, queue=name) for name in ("b", "a")]
+
+    def hold_one() -> object:
+        return OutboxEvent.objects.claim(
+            worker_id="holder", limit=1, lease=timedelta(seconds=60), queues=["a"]
+        )
+
+    try:
+        with open_transaction(hold_one):
+            with connection.cursor() as cursor:
+                cursor.execute("SET lock_timeout = '2s'")
+            claimed = Worker(
+                worker_id="rival", batch_size=10, queues=["a", "b"]
+            ).claim()
+    finally:
+        connection.close()  # forget the session's lock timeout
+
+    assert sorted(event.pk for event in claimed) == sorted(e.pk for e in free)
+    held.refresh_from_db()
+    assert (held.locked_by, held.attempts) == ("holder", 1)

@@ -8,7 +8,6 @@ handlers log "start <uuid> <time>" and "end <uuid> <time>" lines to a file
 import signal
 import threading
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
@@ -28,14 +27,6 @@ from tests.outbox_app.models import HandlerRun, SideEffect
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 SLOTS = "8"
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.kill()
 
 
 def start(workers: list[WorkerProcess], *arguments: str) -> WorkerProcess:

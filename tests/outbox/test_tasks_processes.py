@@ -5,7 +5,6 @@ worker is a real `run_outbox_worker` woken by NOTIFY.
 """
 
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -133,14 +132,6 @@ def test_worker__slow_receivers_after_a_claim_do_not_start_an_event_since_taken(
     assert started == [first.id]  # A never started the second: B holds it
     held = OutboxEvent.objects.get(uuid=second.id)
     assert (held.locked_by, held.attempts) == ("B", 2)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.kill()
 
 
 @pytest.mark.slow

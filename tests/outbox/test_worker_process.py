@@ -4,7 +4,6 @@ import signal
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -17,15 +16,6 @@ from tests.outbox_app.models import HandlerRun, SideEffect
 
 # Every test here starts real worker processes: seconds each.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
-
-
-@pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    """Start workers with workers.append(...); kill any left at the end."""
-    started: list[WorkerProcess] = []
-    yield started
-    for worker in started:
-        worker.kill()
 
 
 def start(
