@@ -90,6 +90,7 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
         ("publish", lambda: w.publish_rates(1_000 if quick else 5_000)),
         ("drain-1", lambda: w.drain(drain_events, batch, 1)),
         ("drain-1-metrics", lambda: w.drain(drain_events, batch, 1, metrics=True)),
+        ("drain-1-traced", lambda: w.drain(drain_events, batch, 1, traced=True)),
         ("drain-4", lambda: w.drain(drain_events, batch, 4)),
         ("latency", lambda: w.latency(50 if quick else 1_000, database_url)),
         (

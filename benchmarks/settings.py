@@ -32,3 +32,9 @@ LOGGING = {
         "django_tasks_db": {"level": "WARNING"},
     },
 }
+
+# The drain-1-traced workload's workers: an OpenTelemetry SDK provider.
+if os.environ.get("BENCHMARK_TRACING") == "1":
+    from benchmarks.tracing import set_provider
+
+    set_provider()

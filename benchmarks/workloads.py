@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -50,11 +51,28 @@ def reset() -> None:
         cursor.execute("TRUNCATE benchmarks_barerow")
 
 
-def fill(events: int, event_type: str = "benchmark.noop") -> None:
-    for start in range(0, events, 1000):
-        count = min(1000, events - start)
-        publish_many(NewEvent(event_type, PAYLOAD) for _ in range(count))
+def fill(
+    events: int, event_type: str = "benchmark.noop", *, traced: bool = False
+) -> None:
+    """Publish the events; traced: inside a span, so each stores its context."""
+    with _publishing_span() if traced else nullcontext():
+        for start in range(0, events, 1000):
+            count = min(1000, events - start)
+            publish_many(NewEvent(event_type, PAYLOAD) for _ in range(count))
     vacuum()
+
+
+def _publishing_span() -> Any:
+    """A valid current span, as a traced request's, without an SDK here."""
+    from opentelemetry import trace
+
+    caller = trace.SpanContext(
+        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
+        span_id=0xB7AD6B7169203331,
+        is_remote=True,
+        trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED),
+    )
+    return trace.use_span(trace.NonRecordingSpan(caller))
 
 
 def vacuum() -> None:
@@ -70,11 +88,17 @@ def not_completed() -> int:
         return int(cursor.fetchone()[0])
 
 
-def start_worker(*arguments: str) -> subprocess.Popen[bytes]:
+def start_worker(
+    *arguments: str, environment: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603 - our own interpreter and script
         [sys.executable, "manage.py", "run_outbox_worker", "-v", "0", *arguments],
         cwd=ROOT,
-        env={**os.environ, "DJANGO_SETTINGS_MODULE": "benchmarks.settings"},
+        env={
+            **os.environ,
+            **(environment or {}),
+            "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
+        },
     )
 
 
@@ -194,16 +218,30 @@ def _bulk_create(count: int) -> None:
 
 
 def drain(
-    events: int, batch_size: int, processes: int, *, metrics: bool = False
+    events: int,
+    batch_size: int,
+    processes: int,
+    *,
+    metrics: bool = False,
+    traced: bool = False,
 ) -> Measurement:
     """Drain no-op events with worker processes; the rate from 10 % to 90 %.
 
     metrics: each worker serves Prometheus metrics (--metrics-port).
+    traced: the events are published inside a span, and each worker has an
+    OpenTelemetry SDK provider (benchmarks/tracing.py); otherwise the workers
+    have the API alone, as a project that never set a provider.
     """
     reset()
-    fill(events)
+    fill(events, traced=traced)
     workers = [
-        start_worker("--drain", "--batch-size", str(batch_size), *_metrics(metrics))
+        start_worker(
+            "--drain",
+            "--batch-size",
+            str(batch_size),
+            *_metrics(metrics),
+            environment={"BENCHMARK_TRACING": "1"} if traced else None,
+        )
         for _ in range(processes)
     ]
     started = time.perf_counter()
@@ -218,7 +256,7 @@ def drain(
         if worker.wait(timeout=300):
             raise RuntimeError("a benchmark worker failed")
     plural = "es" if processes > 1 else ""
-    metered = ", metrics on" if metrics else ""
+    metered = ", metrics on" if metrics else ", traced" if traced else ""
     return Measurement(
         f"drain, {processes} worker process{plural}, batch {batch_size}{metered}",
         int(events * 0.8),

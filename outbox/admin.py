@@ -11,7 +11,10 @@ outbox.operations.
 
 import json
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.contrib.admin.models import CHANGE, LogEntry
@@ -19,22 +22,54 @@ from django.contrib.admin.options import IncorrectLookupParameters
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+)
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
+from django.utils.text import Truncator
 from django.utils.timesince import timesince
-from django.views.decorators.http import require_http_methods
 
-from outbox import monitoring, registry
+from outbox import activity, charts, monitoring, registry
 from outbox.models import OutboxEvent, OutboxWorker, Status
 from outbox.operations import OperationResult, discard_events, retry_events
 
 #: The field of the retry-all confirmation that carries the count shown.
 CONFIRMED_COUNT = "confirmed_count"
+
+
+@dataclass(frozen=True)
+class FailedAction:
+    """What an operator may do to every failed event a filter matches."""
+
+    #: Also the permission it needs: has_<name>_permission().
+    name: str
+    verb: str
+    explanation: str
+    operate: Callable[..., OperationResult]
+
+
+RETRY_FAILED = FailedAction(
+    name="retry",
+    verb="Retried",
+    explanation="Each becomes pending now with a fresh attempt budget, behind any "
+    "earlier unfinished event of its key; its history is kept.",
+    operate=retry_events,
+)
+DISCARD_FAILED = FailedAction(
+    name="discard",
+    verb="Discarded",
+    explanation="Each stays failed for good: no worker and no retry runs it "
+    "again. Its history is kept, with who discarded it.",
+    operate=discard_events,
+)
 
 STATUS_COLOURS = {
     Status.PENDING: "#2f6fb0",
@@ -101,6 +136,30 @@ class KindFilter(admin.SimpleListFilter):
         return queryset
 
 
+class ErrorCauseFilter(admin.SimpleListFilter):
+    """Filter by error cause (outbox.causes): the dead letters' groups link here.
+
+    No choices of its own (a SELECT DISTINCT would read every failed row);
+    the one chosen is shown, so it can be cleared.
+    """
+
+    title = "error cause"
+    parameter_name = "error_cause"
+
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin
+    ) -> list[tuple[str, str]]:
+        chosen = self.value()
+        return [(chosen, Truncator(chosen).chars(60))] if chosen else []
+
+    def has_output(self) -> bool:
+        return self.value() is not None
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        chosen = self.value()
+        return queryset.filter(error_cause=chosen) if chosen is not None else queryset
+
+
 class HasErrorFilter(admin.SimpleListFilter):
     """Filter events that failed at least one attempt (partial index)."""
 
@@ -141,6 +200,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
         EventTypeFilter,
         ("created_at", admin.DateFieldListFilter),
         HasErrorFilter,
+        ErrorCauseFilter,
     )
     search_fields = ("uuid", "event_type", "key", "idempotency_key")
     search_help_text = (
@@ -164,6 +224,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
                     "idempotency_key",
                     "status_label",
                     "waiting",
+                    "trace_label",
                 )
             },
         ),
@@ -195,6 +256,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
         "payload_pretty",
         "result_pretty",
         "history_table",
+        "trace_label",
     )
 
     # Events are written by publish() and the workers; here they are only
@@ -249,20 +311,33 @@ class OutboxEventAdmin(admin.ModelAdmin):
         )
 
     def get_urls(self) -> list[URLPattern]:
-        retry_failed = path(
-            "retry-failed/",
-            self.admin_site.admin_view(self.retry_failed_view),
-            name="outbox_outboxevent_retry_failed",
-        )
-        return [retry_failed, *super().get_urls()]
+        def view(name: str, function: Callable[[HttpRequest], HttpResponse]) -> Any:
+            return path(
+                f"{name.replace('_', '-')}/",
+                self.admin_site.admin_view(function),
+                name=f"outbox_outboxevent_{name}",
+            )
+
+        return [
+            view("retry_failed", self.retry_failed_view),
+            view("discard_failed", self.discard_failed_view),
+            view("dead_letters", self.dead_letters_view),
+            *super().get_urls(),
+        ]
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
+        minutes = activity.last_hour()
         context = {
             "summary": monitoring.count_by_status(),
             "count_cap": monitoring.COUNT_CAP,
             "can_retry": self.has_retry_permission(request),
+            "activity_chart": charts.activity_chart(minutes),
+            "last_hour": {
+                "completed": sum(minute.completed for minute in minutes),
+                "failed": sum(minute.failed for minute in minutes),
+            },
             **(extra_context or {}),
         }
         return super().changelist_view(request, extra_context=context)
@@ -271,19 +346,45 @@ class OutboxEventAdmin(admin.ModelAdmin):
     def _changelist_url(query_string: str) -> str:
         return reverse("admin:outbox_outboxevent_changelist") + query_string
 
+    def dead_letters_view(self, request: HttpRequest) -> HttpResponse:
+        """The failed events grouped by event type and cause, and the keys
+        held back behind a retrying head."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        groups = monitoring.failure_groups()
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Dead letters: failed events by cause",
+            "groups": [(group, _group_query(group)) for group in groups],
+            "group_limit": monitoring.GROUP_LIMIT,
+            "held_keys": monitoring.held_keys(),
+            "can_retry": self.has_retry_permission(request),
+            "can_discard": self.has_discard_permission(request),
+            "changelist": self._changelist_url(""),
+        }
+        return TemplateResponse(
+            request, "admin/outbox/outboxevent/dead_letters.html", context
+        )
+
     def retry_failed_view(self, request: HttpRequest) -> HttpResponse:
         """Retry every failed event the changelist's filters and search match.
 
         A GET shows how many that is and asks; only the POST of that page,
         carrying the count the operator saw, retries them.
         """
-        return require_http_methods(["GET", "POST"])(self._retry_failed)(request)
+        return self._on_failed(request, RETRY_FAILED)
 
-    def _retry_failed(self, request: HttpRequest) -> HttpResponse:
-        # Both: the view shows what the filter matches, and the retry acts on it.
-        if not (
-            self.has_view_permission(request) and self.has_retry_permission(request)
-        ):
+    def discard_failed_view(self, request: HttpRequest) -> HttpResponse:
+        """Discard every failed event the filters match, confirmed as a retry is."""
+        return self._on_failed(request, DISCARD_FAILED)
+
+    def _on_failed(self, request: HttpRequest, action: "FailedAction") -> HttpResponse:
+        if request.method not in ("GET", "POST"):
+            return HttpResponseNotAllowed(["GET", "POST"])
+        # Both: the view shows what the filter matches, and the action acts on it.
+        permitted = getattr(self, f"has_{action.name}_permission")
+        if not (self.has_view_permission(request) and permitted(request)):
             raise PermissionDenied
         query = request.GET.urlencode()
         back = self._changelist_url("?" + query if query else "")
@@ -293,52 +394,36 @@ class OutboxEventAdmin(admin.ModelAdmin):
             self.message_user(request, "Unknown filter.", messages.ERROR)
             return HttpResponseRedirect(back)
         failed = changelist.get_queryset(request).filter(status=Status.FAILED)
-        # Discarded events are failed for good: retry_events skips them, so
-        # the count to confirm leaves them out.
+        # Discarded events are failed for good: neither action touches them,
+        # so the count to confirm leaves them out.
         retriable = failed.filter(discarded_at__isnull=True)
         count = retriable.count()
         if request.method == "POST" and request.POST.get(CONFIRMED_COUNT) == str(count):
-            result = retry_events(retriable, actor=_actor(request))
-            self._report(request, "Retried", result)
+            result = action.operate(retriable, actor=_actor(request))
+            self._report(request, action.verb, result)
             return HttpResponseRedirect(back)
         # A count that changed since the page was shown (events failed or
         # were retried meanwhile) is asked again: the operator confirms the
-        # number that will be retried, not an older one.
+        # number that will be acted on, not an older one.
         changed = request.method == "POST" and CONFIRMED_COUNT in request.POST
-        return self._confirm_retry_failed(
-            request,
-            count=count,
-            discarded=failed.count() - count,
-            changed=changed,
-            query=query,
-            back=back,
-        )
-
-    def _confirm_retry_failed(
-        self,
-        request: HttpRequest,
-        *,
-        count: int,
-        discarded: int,
-        changed: bool,
-        query: str,
-        back: str,
-    ) -> TemplateResponse:
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
-            "title": "Retry all failed events matching this filter?",
+            "title": f"{action.name.capitalize()} all failed events matching "
+            "this filter?",
+            "action_name": action.name,
+            "explanation": action.explanation,
             "count": count,
             "events": _events(count),
-            "discarded": discarded,
+            "discarded": failed.count() - count,
             "count_changed": changed,
             "confirmed_count_field": CONFIRMED_COUNT,
-            "action": reverse("admin:outbox_outboxevent_retry_failed")
+            "action": reverse(f"admin:outbox_outboxevent_{action.name}_failed")
             + ("?" + query if query else ""),
             "back": back,
         }
         return TemplateResponse(
-            request, "admin/outbox/outboxevent/retry_failed_confirmation.html", context
+            request, "admin/outbox/outboxevent/failed_action_confirmation.html", context
         )
 
     def _report(self, request: HttpRequest, verb: str, result: OperationResult) -> None:
@@ -395,6 +480,14 @@ class OutboxEventAdmin(admin.ModelAdmin):
         state = "live" if event.locked_until > timezone.now() else "expired"
         until = event.locked_until.isoformat(sep=" ", timespec="seconds")
         return f"held by {event.locked_by} until {until} ({state})"
+
+    @admin.display(description="trace")
+    def trace_label(self, event: OutboxEvent) -> str:
+        """The publishing span's W3C traceparent (outbox.tracing), if any."""
+        context = event.trace_context
+        if isinstance(context, dict) and context.get("traceparent"):
+            return str(context["traceparent"])
+        return "none (published outside a traced span)"
 
     @admin.display(description="payload")
     def payload_pretty(self, event: OutboxEvent) -> SafeString:
@@ -474,6 +567,17 @@ def _traceback(entry: dict[str, Any]) -> SafeString:
         '<details class="outbox-traceback"><summary>Traceback</summary>'
         "<pre>{}</pre></details>",
         entry["traceback"],
+    )
+
+
+def _group_query(group: monitoring.FailureGroup) -> str:
+    """The changelist's query string for a group's failed events."""
+    return "?" + urlencode(
+        {
+            "status__exact": Status.FAILED,
+            "event_type": group.event_type,
+            "error_cause": group.cause,
+        }
     )
 
 

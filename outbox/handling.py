@@ -33,7 +33,7 @@ from functools import partial
 from django.db import connections, transaction
 from django.db.transaction import TransactionManagementError
 
-from outbox import ordering, statements
+from outbox import ordering, statements, tracing
 from outbox.errors import HandlerNotFound, PermanentFailure, Retry
 from outbox.models import OutboxEvent, Status
 from outbox.registry import Handler, get_handler
@@ -97,9 +97,14 @@ class Run:
 
 
 def run_event(event: OutboxEvent, *, using: str, backoff: Backoff) -> Run:
-    """Run the event's handler in a transaction of its own; return how it ended."""
+    """Run the event's handler in a transaction of its own; return how it ended.
+
+    With OpenTelemetry, inside the event's process span (outbox.tracing).
+    """
     started = time.perf_counter()
-    run = _run(event, using, backoff)
+    with tracing.processing(event) as span:
+        run = _run(event, using, backoff)
+        span.finished(run.outcome.value, run.error)
     run.duration = time.perf_counter() - started
     return run
 

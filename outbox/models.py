@@ -12,6 +12,7 @@ from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from outbox.causes import cause_of
 from outbox.redaction import redact
 from outbox.storable import storable
 
@@ -174,6 +175,16 @@ class OutboxEvent(models.Model):
         "operator's discard.",
     )
     last_error = models.TextField(blank=True, default="")
+    # Failed events of one cause share it: the admin's dead letters group by
+    # event type and this (outbox.causes).
+    error_cause = models.CharField(
+        max_length=300,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="The last error's class and first line, with numbers, ids "
+        "and quoted values stripped.",
+    )
     history = models.JSONField(
         default=list,
         blank=True,
@@ -191,6 +202,9 @@ class OutboxEvent(models.Model):
     # What a django.tasks task returned (outbox.tasks); NULL for None, and
     # for events.
     result = models.JSONField(null=True, blank=True, encoder=DjangoJSONEncoder)
+    # {"traceparent": ..., "tracestate": ...} of the span that published the
+    # event (outbox.tracing); NULL without OpenTelemetry or an active span.
+    trace_context = models.JSONField(null=True, blank=True, editable=False)
 
     objects = OutboxEventQuerySet.as_manager()
 
@@ -276,8 +290,9 @@ class OutboxEvent(models.Model):
         no value PostgreSQL quotes in a DETAIL line, outlives the attempt.
         """
         message = storable(_truncate(redact(str(error))))
-        error_class = storable(_error_class(error))
+        error_class = storable(error_class_name(error))
         self.last_error = f"{error_class}: {message}" if message else error_class
+        self.error_cause = cause_of(self.last_error)
         entry = {
             "attempt": self.attempts,
             "at": timezone.now().isoformat(),
@@ -319,6 +334,7 @@ class OutboxEvent(models.Model):
             locked_until=None,
             completed_at=None,
             last_error=self.last_error,
+            error_cause=self.error_cause,
             history=self.history,
         )
         if changed:
@@ -397,7 +413,8 @@ class OutboxEvent(models.Model):
         }
 
 
-def _error_class(error: BaseException) -> str:
+def error_class_name(error: BaseException) -> str:
+    """The error's class as the history names it: builtins bare, others dotted."""
     cls = type(error)
     return (
         cls.__qualname__
@@ -445,3 +462,25 @@ class OutboxWorker(models.Model):
 
     def __str__(self) -> str:
         return self.worker_id
+
+
+class OutboxActivity(models.Model):
+    """What the workers recorded in one minute: the admin's chart of the last hour.
+
+    Each worker adds the events it completed and failed, and the ready
+    backlog it counted, at every heartbeat (outbox.activity).
+    """
+
+    minute = models.DateTimeField(primary_key=True)
+    completed = models.PositiveBigIntegerField(default=0)
+    failed = models.PositiveBigIntegerField(default=0)
+    #: The ready events last counted in the minute (capped); NULL: none was.
+    ready = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "outbox activity"
+        verbose_name_plural = "outbox activity"
+        ordering = ("minute",)
+
+    def __str__(self) -> str:
+        return self.minute.isoformat()

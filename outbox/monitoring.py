@@ -11,10 +11,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections, router
-from django.db.models import Count, Q
-from django.db.models.functions import Now
+from django.db.models import Count, Max, Min, Q
+from django.db.models.functions import Coalesce, Now
 
 from outbox import statements
+from outbox.causes import split_cause
 from outbox.conf import get_settings
 from outbox.models import OPEN_TO_OPERATORS, OutboxEvent, OutboxWorker, Status
 
@@ -22,6 +23,10 @@ from outbox.models import OPEN_TO_OPERATORS, OutboxEvent, OutboxWorker, Status
 COUNT_CAP = 10_000
 #: A worker is alive while its last heartbeat is this many intervals old or less.
 LIVE_AFTER_HEARTBEATS = 3
+#: Groups of failed events shown, the largest first.
+GROUP_LIMIT = 100
+#: Keys with a retrying head looked at, the oldest first.
+HELD_KEY_LIMIT = 100
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,105 @@ def collect_status(*, using: str | None = None) -> OutboxStatus:
         lag=ready_lag(using=using),
         workers=worker_states(using=using),
     )
+
+
+@dataclass(frozen=True)
+class FailureGroup:
+    """Failed events of one event type and one cause (outbox.causes)."""
+
+    event_type: str
+    cause: str
+    count: int
+    first_failed_at: datetime | None
+    last_failed_at: datetime | None
+
+    @property
+    def error_class(self) -> str:
+        return split_cause(self.cause)[0]
+
+    @property
+    def message(self) -> str:
+        return split_cause(self.cause)[1]
+
+
+def failure_groups(
+    *, using: str | None = None, limit: int = GROUP_LIMIT
+) -> list[FailureGroup]:
+    """Group the failed events not discarded by event type and cause, largest first.
+
+    One GROUP BY over the failed rows (outbox_status_idx finds them); events
+    that failed before failed_at existed are dated by their creation.
+    """
+    using = using or router.db_for_read(OutboxEvent)
+    failed_at = Coalesce("failed_at", "created_at")
+    rows = (
+        OutboxEvent.objects.using(using)
+        .filter(status=Status.FAILED, discarded_at__isnull=True)
+        .values("event_type", "error_cause")
+        .annotate(count=Count("id"), first=Min(failed_at), last=Max(failed_at))
+        .order_by("-count", "event_type", "error_cause")
+    )
+    return [
+        FailureGroup(
+            event_type=row["event_type"],
+            cause=row["error_cause"],
+            count=row["count"],
+            first_failed_at=row["first"],
+            last_failed_at=row["last"],
+        )
+        for row in rows[:limit]
+    ]
+
+
+@dataclass(frozen=True)
+class HeldKey:
+    """A key whose head failed an attempt and waits for its retry, holding
+    back the key's later events."""
+
+    key: str
+    head: OutboxEvent
+    waiting: int
+
+
+def held_keys(
+    *, using: str | None = None, limit: int = HELD_KEY_LIMIT
+) -> list[HeldKey]:
+    """Return the keys held back behind a retrying head, most events held first.
+
+    A head that failed for good releases its key (the next event becomes
+    claimable), so only a head still to be retried holds events back. The
+    heads come from outbox_has_error_idx, the counts from
+    outbox_key_unfinished_idx.
+    """
+    using = using or router.db_for_read(OutboxEvent)
+    events = OutboxEvent.objects.using(using)
+    heads = {
+        head.key: head
+        for head in events.filter(status=Status.PENDING, waiting=False)
+        .exclude(key="")
+        .exclude(last_error="")
+        .only(
+            "uuid",
+            "event_type",
+            "key",
+            "attempts",
+            "max_attempts",
+            "available_at",
+            "error_cause",
+        )
+        .order_by("id")[:limit]
+    }
+    counts = (
+        events.filter(status=Status.PENDING, waiting=True, key__in=list(heads))
+        .order_by()
+        .values("key")
+        .annotate(waiting=Count("id"))
+    )
+    held = [
+        HeldKey(key=row["key"], head=heads[row["key"]], waiting=row["waiting"])
+        for row in counts
+    ]
+    return sorted(held, key=lambda entry: (-entry.waiting, entry.head.pk))
 
 
 def _estimated_rows(using: str) -> int:

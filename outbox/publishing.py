@@ -13,7 +13,7 @@ from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
 
-from outbox import ordering
+from outbox import ordering, tracing
 from outbox.conf import OutboxSettings, check_queue_name, get_settings
 from outbox.metrics import PublishMetrics, publish_metrics
 from outbox.models import DEFAULT_QUEUE, OutboxEvent
@@ -78,6 +78,7 @@ class NewEvent:
             max_attempts=self.max_attempts
             or _default_max_attempts(self.event_type, settings),
             queue_name=self.queue or DEFAULT_QUEUE,
+            trace_context=tracing.current_context(),
         )
         if self.available_at is not None:
             event.available_at = self.available_at

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from types import FrameType
 from django.db import DatabaseError, connections
 from django.db.models.functions import Now
 
+from outbox import activity
 from outbox.metrics import WorkerMetrics
 from outbox.models import OutboxEvent, OutboxWorker
 from outbox.monitoring import heartbeat_interval
@@ -41,6 +43,8 @@ from outbox.worker import Worker
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: How often a heartbeat deletes activity rows past activity.KEEP.
+FORGET_EVERY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Runner:
             finally:
                 self._stopping.set()
                 self.heartbeat.stop()
+                self.heartbeat.flush_activity()
                 self.heartbeat.unregister()
                 self.waiter.close()
                 if isinstance(self.worker.metrics, WorkerMetrics):
@@ -183,14 +188,16 @@ class Heartbeat:
     """A thread that says the worker is alive and keeps its leases.
 
     Every heartbeat_interval() (a third of the lease, 10 s at most) it
-    records the worker in OutboxWorker and extends the lease of every event
-    the worker holds (Leases.extend()), on a connection of its own.
+    records the worker in OutboxWorker, extends the lease of every event the
+    worker holds (Leases.extend()) and adds what the worker recorded to the
+    minute's activity (outbox.activity), on a connection of its own.
     """
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.every = heartbeat_interval(worker.lease).total_seconds()
         self._stopping = threading.Event()
+        self._forget_at = 0.0  # at the first beat, then once a minute
         self._thread = threading.Thread(
             target=self._beat, name="outbox-heartbeat", daemon=True
         )
@@ -205,11 +212,45 @@ class Heartbeat:
             self._thread.join(self.every + 1)
 
     def beat(self) -> None:
-        """Record the worker as alive and extend its leases, once; read the
-        backlog's gauges when metrics are on."""
+        """Record the worker as alive and extend its leases, once; add its
+        activity to the minute's; read the backlog's gauges when metrics are
+        on."""
         self.register()
         self.worker.leases.extend()
         self.worker.metrics.read_backlog(self.worker.using)
+        self.record_activity()
+
+    def record_activity(self) -> None:
+        """Add what the worker recorded since the last beat to this minute's row.
+
+        Counts a failed write could not add wait for the next beat.
+        """
+        completed, failed = self.worker.activity.take()
+        using = self.worker.using
+        try:
+            activity.add_to_minute(
+                using=using,
+                completed=completed,
+                failed=failed,
+                ready=activity.count_ready(using),
+            )
+            if time.monotonic() >= self._forget_at:
+                activity.forget_old(using)
+                self._forget_at = time.monotonic() + FORGET_EVERY_SECONDS
+        except DatabaseError:
+            self.worker.activity.add(completed=completed, failed=failed)
+            raise
+
+    def flush_activity(self) -> None:
+        """Record the activity since the last beat, as the worker stops."""
+        try:
+            self.record_activity()
+        except DatabaseError as error:
+            logger.warning(
+                "outbox could not record the worker's last activity: %s",
+                type(error).__name__,
+                extra={"worker_id": self.worker.worker_id},
+            )
 
     def register(self) -> None:
         OutboxWorker.objects.using(self.worker.using).update_or_create(

@@ -31,6 +31,8 @@ from typing import Protocol
 
 from django.db import connections, router, transaction
 
+from outbox import tracing
+from outbox.activity import ActivityCounter
 from outbox.conf import (
     OutboxSettings,
     check_queue_name,
@@ -119,6 +121,8 @@ class Worker:
         self.leases = Leases(using=self.using, duration=self.lease)
         #: What the loop tells of its work (outbox.metrics); nothing by default.
         self.metrics = metrics or NoMetrics()
+        #: What it completed and failed since the heartbeat last took them.
+        self.activity = ActivityCounter()
         self.maintenance = Maintenance(
             using=self.using,
             worker_id=self.worker_id,
@@ -258,7 +262,10 @@ class Worker:
         # the planner settings, the claim, COMMIT (statements.in_index_order).
         with transaction.atomic(using=self.using) if finished else nullcontext():
             recorded = record(finished, using=self.using, worker_id=self.worker_id)
+            claim_started = time.time_ns()
             batch = self._claim(room) if room else Batch(events=[], token=0)
+        # Once committed: a claim that rolled back took nothing.
+        tracing.received(batch.events, started=claim_started, worker_id=self.worker_id)
         self.leases.drop(run.event for run in finished)
         self.leases.hold(batch.events, claimed_at=started)
         self.maintenance.recheck_later(recorded.keys_to_recheck)
@@ -273,6 +280,7 @@ class Worker:
         """Tell the metrics of a turn: what it recorded, claimed, and took."""
         if not recorded and not batch:
             return
+        self.activity.add(completed=result.completed, failed=result.failed)
         self.metrics.recorded(recorded)
         self.metrics.claimed(batch.events)
         self.metrics.turn(result.seconds, len(self.leases))
@@ -286,7 +294,9 @@ class Worker:
 
     def claim(self, limit: int | None = None) -> Batch:
         """Claim up to limit (default: batch_size) ready events."""
+        claim_started = time.time_ns()
         batch = self._claim(limit or self.batch_size)
+        tracing.received(batch.events, started=claim_started, worker_id=self.worker_id)
         self.leases.hold(batch.events)
         return batch
 

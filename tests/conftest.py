@@ -1,9 +1,14 @@
+import importlib
 import os
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from django.apps.registry import Apps
 from django.conf import settings
+from django.db import connection
+from django.db.migrations.loader import MigrationLoader
 
 pytest_plugins = ["outbox.testing"]
 
@@ -58,3 +63,35 @@ def fresh_rate_limits() -> Any:
     yield
     if cache is not None:
         caches[cache].clear()
+
+
+GROUP_MIGRATION = ("outbox", "0007_outbox_operators_group")
+group_migration = importlib.import_module("outbox.migrations." + GROUP_MIGRATION[1])
+
+# Migration 0007 creates the "Outbox operators" group, but every transactional
+# test (django_db(transaction=True)) flushes the database when it ends, and the
+# flush's post_migrate brings back content types and permissions, not the
+# group. So the tests that need the group run the migration's own function
+# again (get_or_create, then add: idempotent), with the historical models the
+# migration runs with, instead of hoping to run before any flush. Not
+# serialized_rollback: it works only in transactional tests, which would make
+# every operator test slow, and its flush skips post_migrate, which leaves the
+# transactional tests that follow without permissions: another order dependency.
+
+
+@pytest.fixture(scope="session")
+def migration_apps() -> Apps:
+    """Return the historical models that migration 0007 runs with."""
+    loader = MigrationLoader(None, ignore_no_migrations=True)
+    return loader.project_state(GROUP_MIGRATION, at_end=False).apps
+
+
+@pytest.fixture
+def run_group_migration(migration_apps, db) -> Callable[[], str]:
+    """Return a function that runs migration 0007 forwards; it returns the group."""
+
+    def run() -> str:
+        group_migration.create_group(migration_apps, connection.schema_editor())
+        return group_migration.GROUP
+
+    return run

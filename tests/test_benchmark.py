@@ -30,6 +30,7 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "publish",
         "drain-1",
         "drain-1-metrics",
+        "drain-1-traced",
         "drain-4",
         "latency",
         "latency-metrics",

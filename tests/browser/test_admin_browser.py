@@ -89,3 +89,52 @@ def test_operator__filters_failed_events_and_retries_one(
     expect(page.locator("#result_list")).to_contain_text("Pending")
     assert OutboxEvent.objects.get(pk=failed.pk).status == Status.PENDING
     assert OutboxEvent.objects.get(pk=other.pk).status == Status.FAILED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_operator__sees_the_last_hour_and_retries_a_group_of_dead_letters(
+    page, live_server, django_user_model, run_group_migration
+) -> None:
+    from django.contrib.auth.models import Group
+    from django.utils import timezone
+
+    from outbox.models import OutboxActivity
+
+    operator = django_user_model.objects.create_user(
+        email="operator@example.com", password=PASSWORD, is_staff=True
+    )
+    # An earlier transactional test's flush took the group: see tests/conftest.py.
+    operator.groups.add(Group.objects.get(name=run_group_migration()))
+    minute = timezone.now().replace(second=0, microsecond=0)
+    OutboxActivity.objects.create(minute=minute, completed=40, failed=2, ready=15)
+    timeouts = OutboxEventFactory.create_batch(
+        2,
+        failed=True,
+        last_error="TimeoutError: timed out after 30 s",
+        error_cause="TimeoutError: timed out after <n> s",
+    )
+    refused = OutboxEventFactory.create(failed=True)
+
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/outbox/outboxevent/")
+    page.fill("#id_username", "operator@example.com")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    chart = page.locator("#outbox-activity svg.outbox-chart")
+    expect(chart).to_be_visible()
+    expect(chart.locator("g.outbox-chart-minute")).to_have_count(60)
+    expect(page.locator("#outbox-activity figcaption")).to_contain_text("(40)")
+    box = chart.bounding_box()
+    assert box is not None and box["width"] > 300 and box["height"] > 100
+
+    page.click("a.outbox-dead-letters")
+    groups = page.locator("#outbox-failure-groups tr.outbox-failure-group")
+    expect(groups).to_have_count(2)
+    timeout_group = groups.filter(has_text="TimeoutError")
+    expect(timeout_group).to_contain_text("timed out after <n> s")
+    timeout_group.locator("a.outbox-group-retry").click()
+    page.click("input[type=submit][value='Yes, retry 2 events']")
+
+    expect(page.locator("ul.messagelist")).to_contain_text("Retried 2 events.")
+    statuses = {event.pk: event.status for event in OutboxEvent.objects.all()}
+    assert [statuses[event.pk] for event in timeouts] == [Status.PENDING] * 2
+    assert statuses[refused.pk] == Status.FAILED

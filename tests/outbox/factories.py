@@ -28,6 +28,7 @@ class OutboxEventFactory(factory.django.DjangoModelFactory[OutboxEvent]):
             attempts=10,
             failed_at=factory.LazyFunction(timezone.now),
             last_error="ConnectionError: smtp down",
+            error_cause="ConnectionError: smtp down",
             history=factory.LazyFunction(
                 lambda: [
                     {

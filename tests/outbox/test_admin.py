@@ -1,17 +1,12 @@
 """The operator's console: outbox/admin.py."""
 
-import importlib
 import re
-from collections.abc import Callable
 from datetime import timedelta
 from html import unescape
 
 import pytest
-from django.apps.registry import Apps
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.contrib.auth.models import Group, Permission
-from django.db import connection
-from django.db.migrations.loader import MigrationLoader
 from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
@@ -19,77 +14,13 @@ from django.utils import timezone
 from outbox import monitoring, publish
 from outbox.models import OutboxEvent, Status
 from outbox.operations import discard_events
+from tests import conftest
 from tests.outbox.factories import OutboxEventFactory, OutboxWorkerFactory
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = "admin:outbox_outboxevent_changelist"
 RETRY_FAILED = "admin:outbox_outboxevent_retry_failed"
-GROUP_MIGRATION = ("outbox", "0007_outbox_operators_group")
-group_migration = importlib.import_module("outbox.migrations." + GROUP_MIGRATION[1])
-
-# Migration 0007 creates the "Outbox operators" group, but every transactional
-# test (django_db(transaction=True)) flushes the database when it ends, and the
-# flush's post_migrate brings back content types and permissions, not the
-# group. So the tests that need the group run the migration's own function
-# again (get_or_create, then add: idempotent), with the historical models the
-# migration runs with, instead of hoping to run before any flush. Not
-# serialized_rollback: it works only in transactional tests, which would make
-# every operator test slow, and its flush skips post_migrate, which leaves the
-# transactional tests that follow without permissions: another order dependency.
-
-
-@pytest.fixture(scope="session")
-def migration_apps() -> Apps:
-    """Return the historical models that migration 0007 runs with."""
-    loader = MigrationLoader(None, ignore_no_migrations=True)
-    return loader.project_state(GROUP_MIGRATION, at_end=False).apps
-
-
-@pytest.fixture
-def run_group_migration(migration_apps, db) -> Callable[[], str]:
-    """Return a function that runs migration 0007 forwards; it returns the group."""
-
-    def run() -> str:
-        group_migration.create_group(migration_apps, connection.schema_editor())
-        return group_migration.GROUP
-
-    return run
-
-
-@pytest.fixture
-def make_staff(django_user_model, django_username_field):
-    """Return a factory of logged-in clients, one per staff member."""
-
-    def make(name: str, *, permissions=(), groups=()):
-        user = django_user_model.objects.create_user(
-            **{django_username_field: f"{name}@example.com"},
-            password="a-long-password-1",
-            is_staff=True,
-        )
-        user.user_permissions.add(
-            *Permission.objects.filter(
-                content_type__app_label="outbox", codename__in=permissions
-            )
-        )
-        user.groups.add(*Group.objects.filter(name__in=groups))
-        client = Client()
-        client.force_login(user)
-        return client
-
-    return make
-
-
-@pytest.fixture
-def viewer(make_staff):
-    """A staff member who may only look at events and workers."""
-    return make_staff("viewer", permissions=("view_outboxevent", "view_outboxworker"))
-
-
-@pytest.fixture
-def operator(make_staff, run_group_migration):
-    """A member of the group that migration 0007 creates."""
-    return make_staff("operator", groups=(run_group_migration(),))
 
 
 def changelist(client, **params):
@@ -113,7 +44,7 @@ def run_action(client, action: str, events):
 def test_operators_group__holds_view_retry_and_discard(run_group_migration) -> None:
     # As on a fresh database, where 0007 runs before post_migrate has created
     # any permission: the migration must create the ones it grants.
-    Group.objects.filter(name=group_migration.GROUP).delete()
+    Group.objects.filter(name=conftest.group_migration.GROUP).delete()
     Permission.objects.filter(content_type__app_label="outbox").delete()
 
     group = Group.objects.get(name=run_group_migration())
@@ -259,6 +190,16 @@ def test_detail__shows_payload_history_and_lease_read_only(viewer) -> None:
     assert "held by host-1 until" in html
     assert "(live)" in html
     assert 'name="_save"' not in html
+    assert "none (published outside a traced span)" in html
+
+
+def test_detail__shows_the_publishing_spans_traceparent(viewer) -> None:
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    event = OutboxEventFactory.create(trace_context={"traceparent": traceparent})
+
+    response = viewer.get(reverse("admin:outbox_outboxevent_change", args=[event.pk]))
+
+    assert traceparent in response.content.decode()
 
 
 def test_add_and_delete__are_refused_even_to_a_superuser(admin_client) -> None:
