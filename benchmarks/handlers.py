@@ -11,6 +11,16 @@ def do_nothing(event: OutboxEvent) -> None:
     """Return at once, so the benchmark measures the outbox alone."""
 
 
+@handler("benchmark.fanout")
+def do_nothing_first(event: OutboxEvent) -> None:
+    """One of benchmark.fanout's two subscribers; returns at once."""
+
+
+@handler("benchmark.fanout", name="second")
+def do_nothing_second(event: OutboxEvent) -> None:
+    """The other: each benchmark.fanout event is two rows, two runs."""
+
+
 @handler("benchmark.clock")
 def record_start(event: OutboxEvent) -> None:
     """Record when the handler started (wall clock, same machine)."""

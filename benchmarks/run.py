@@ -91,6 +91,7 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
         ("drain-1", lambda: w.drain(drain_events, batch, 1)),
         ("drain-1-metrics", lambda: w.drain(drain_events, batch, 1, metrics=True)),
         ("drain-1-traced", lambda: w.drain(drain_events, batch, 1, traced=True)),
+        ("fanout", lambda: w.fanout(500 if quick else 2_000, batch)),
         ("drain-4", lambda: w.drain(drain_events, batch, 4)),
         ("latency", lambda: w.latency(50 if quick else 1_000, database_url)),
         (
@@ -204,8 +205,24 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
     claim_start = backlog_1m["notes"]["claim_ms_at_start"]
     claim_end = backlog_1m["notes"]["claim_ms_at_90"]
     drain_1_metrics = best(runs, "drain-1-metrics")["rate"]
+    fanout_publish = min(
+        run[1]["notes"]["time_vs_1_subscriber"] for run in runs["fanout"]
+    )
+    fanout_rows = max(run[2]["rate"] for run in runs["fanout"])
     p50_metrics = best(runs, "latency-metrics", by="p50_ms")["notes"]["p50_ms"]
     return [
+        check(
+            "publish(), 2 subscribers, <= 1.3 x the time of 1",
+            fanout_publish,
+            "<=",
+            1.3,
+        ),
+        check(
+            "drain of 2 subscribers' rows >= 90 % of drain-1",
+            fanout_rows / drain_1,
+            ">=",
+            0.9,
+        ),
         check(
             "drain with metrics on >= 97 % of off",
             drain_1_metrics / drain_1,

@@ -200,6 +200,31 @@ def _publish_one() -> None:
     publish("benchmark.noop", PAYLOAD)
 
 
+def _publish_to_two() -> None:
+    publish("benchmark.fanout", PAYLOAD)
+
+
+def fanout(events: int, batch_size: int) -> list[Measurement]:
+    """What fan-out costs: publish() of an event with two subscribers (two
+    rows, one INSERT) beside one with one, one per transaction, and a worker
+    draining the two subscribers' rows beside drain-1's rows."""
+    reset()
+    one = timed(
+        "publish, 1 per transaction, 1 subscriber",
+        events,
+        partial(_one_per_transaction, events, _publish_one),
+    )
+    reset()
+    two = timed(
+        "publish, 1 per transaction, 2 subscribers",
+        events,
+        partial(_one_per_transaction, events, _publish_to_two),
+    )
+    two.notes = {"time_vs_1_subscriber": two.seconds / one.seconds}
+    rows = drain(events * 4, batch_size, 1, subscribers=2)
+    return [one, two, rows]
+
+
 def _insert_one() -> None:
     BareRow.objects.create(event_type="benchmark.noop", payload=PAYLOAD)
 
@@ -224,8 +249,12 @@ def drain(
     *,
     metrics: bool = False,
     traced: bool = False,
+    subscribers: int = 1,
 ) -> Measurement:
     """Drain no-op events with worker processes; the rate from 10 % to 90 %.
+
+    The rate is of rows: with subscribers=2, events / 2 events of two
+    subscribers each (benchmark.fanout).
 
     metrics: each worker serves Prometheus metrics (--metrics-port).
     traced: the events are published inside a span, and each worker has an
@@ -233,7 +262,10 @@ def drain(
     have the API alone, as a project that never set a provider.
     """
     reset()
-    fill(events, traced=traced)
+    if subscribers == 2:
+        fill(events // 2, "benchmark.fanout")
+    else:
+        fill(events, traced=traced)
     workers = [
         start_worker(
             "--drain",
@@ -257,6 +289,8 @@ def drain(
             raise RuntimeError("a benchmark worker failed")
     plural = "es" if processes > 1 else ""
     metered = ", metrics on" if metrics else ", traced" if traced else ""
+    if subscribers == 2:
+        metered = ", rows of 2 subscribers"
     return Measurement(
         f"drain, {processes} worker process{plural}, batch {batch_size}{metered}",
         int(events * 0.8),

@@ -7,7 +7,9 @@ them. So each worker counts the events it completed and failed
 backlog it counted, to the current minute's OutboxActivity row: one upsert
 per heartbeat (10 s at most), on the heartbeat's own connection, by the
 database's clock, so workers on hosts with skewed clocks add to the same
-minute. Rows older than KEEP are deleted as the minutes turn.
+minute. The ready backlog is counted once a minute, by the first worker to
+find the minute's row without it, not by every worker at every beat. Rows
+older than KEEP are deleted as the minutes turn.
 
 last_hour() reads the rows back for the admin (outbox/charts.py draws them).
 """
@@ -65,14 +67,28 @@ def count_ready(using: str) -> int:
         return OutboxEvent.objects.using(using).ready()[: READY_CAP + 1].count()
 
 
-def add_to_minute(*, using: str, completed: int, failed: int, ready: int) -> None:
-    """Add counts to the current minute's row, by the database's clock."""
+def ready_counted(using: str) -> bool:
+    """Whether the current minute's row has its ready count already."""
     connection = connections[using]
     table = connection.ops.quote_name(OutboxActivity._meta.db_table)
-    if connection.vendor == "postgresql":
-        minute = "date_trunc('minute', now())"
-    else:  # SQLite stores datetimes as UTC text in this format.
-        minute = "strftime('%%Y-%%m-%%d %%H:%%M:00', 'now')"
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT 1 FROM {table} WHERE minute = {_minute(using)}"  # noqa: S608 - names
+            " AND ready IS NOT NULL"
+        )
+        return cursor.fetchone() is not None
+
+
+def add_to_minute(
+    *, using: str, completed: int, failed: int, ready: int | None
+) -> None:
+    """Add counts to the current minute's row, by the database's clock.
+
+    ready: the backlog counted now, or None to keep the minute's.
+    """
+    connection = connections[using]
+    table = connection.ops.quote_name(OutboxActivity._meta.db_table)
+    minute = _minute(using)
     with connection.cursor() as cursor:
         cursor.execute(
             f"INSERT INTO {table} (minute, completed, failed, ready)"  # noqa: S608 - names, not values
@@ -80,9 +96,17 @@ def add_to_minute(*, using: str, completed: int, failed: int, ready: int) -> Non
             f" ON CONFLICT (minute) DO UPDATE SET"
             f" completed = {table}.completed + excluded.completed,"
             f" failed = {table}.failed + excluded.failed,"
-            f" ready = excluded.ready",
+            f" ready = COALESCE(excluded.ready, {table}.ready)",
             [completed, failed, ready],
         )
+
+
+def _minute(using: str) -> str:
+    """The current minute by the database's clock, as SQL."""
+    if connections[using].vendor == "postgresql":
+        return "date_trunc('minute', now())"
+    # SQLite stores datetimes as UTC text in this format; %% for the cursor.
+    return "strftime('%%Y-%%m-%%d %%H:%%M:00', 'now')"
 
 
 def forget_old(using: str) -> int:

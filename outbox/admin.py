@@ -43,6 +43,8 @@ from outbox.operations import OperationResult, discard_events, retry_events
 
 #: The field of the retry-all confirmation that carries the count shown.
 CONFIRMED_COUNT = "confirmed_count"
+#: The subscriber filter's value for the event type's unnamed handler.
+UNNAMED = "-"
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,28 @@ class EventTypeFilter(admin.SimpleListFilter):
         return queryset.filter(event_type=chosen) if chosen else queryset
 
 
+class SubscriberFilter(admin.SimpleListFilter):
+    """Filter by subscriber: the registered named handlers, or the unnamed one."""
+
+    title = "subscriber"
+    parameter_name = "subscriber"
+
+    def lookups(
+        self, request: HttpRequest, model_admin: admin.ModelAdmin
+    ) -> list[tuple[str, str]]:
+        names = registry.registered_subscribers()
+        chosen = self.value()
+        if chosen and chosen != UNNAMED and chosen not in names:
+            names.append(chosen)
+        return [(UNNAMED, "(unnamed handler)"), *((name, name) for name in names)]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        chosen = self.value()
+        if not chosen:
+            return queryset
+        return queryset.filter(subscriber="" if chosen == UNNAMED else chosen)
+
+
 class KindFilter(admin.SimpleListFilter):
     """Events published with publish(), or django.tasks tasks (outbox.tasks)."""
 
@@ -139,8 +163,9 @@ class KindFilter(admin.SimpleListFilter):
 class ErrorCauseFilter(admin.SimpleListFilter):
     """Filter by error cause (outbox.causes): the dead letters' groups link here.
 
-    No choices of its own (a SELECT DISTINCT would read every failed row);
-    the one chosen is shown, so it can be cleared.
+    Like the dead letters, it leaves discarded events out: a group's count
+    and its list agree. No choices of its own (a SELECT DISTINCT would read
+    every failed row); the one chosen is shown, so it can be cleared.
     """
 
     title = "error cause"
@@ -157,7 +182,9 @@ class ErrorCauseFilter(admin.SimpleListFilter):
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
         chosen = self.value()
-        return queryset.filter(error_cause=chosen) if chosen is not None else queryset
+        if chosen is None:
+            return queryset
+        return queryset.filter(error_cause=chosen, discarded_at__isnull=True)
 
 
 class HasErrorFilter(admin.SimpleListFilter):
@@ -184,6 +211,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
     list_display = (
         "uuid",
         "event_type",
+        "subscriber",
         "queue_name",
         "key",
         "status_label",
@@ -198,6 +226,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
         "status",
         KindFilter,
         EventTypeFilter,
+        SubscriberFilter,
         ("created_at", admin.DateFieldListFilter),
         HasErrorFilter,
         ErrorCauseFilter,
@@ -219,6 +248,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
                 "fields": (
                     "uuid",
                     "event_type",
+                    "subscriber",
                     "queue_name",
                     "key",
                     "idempotency_key",
@@ -243,6 +273,8 @@ class OutboxEventAdmin(admin.ModelAdmin):
                 )
             },
         ),
+        # The event's other deliveries: one row per subscriber (fan-out).
+        ("Deliveries of this event", {"fields": ("deliveries_table",)}),
         ("Payload", {"fields": ("payload_pretty",)}),
         # What a django.tasks task returned (outbox.tasks); events have none.
         ("Result", {"fields": ("result_pretty",)}),
@@ -257,6 +289,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
         "result_pretty",
         "history_table",
         "trace_label",
+        "deliveries_table",
     )
 
     # Events are written by publish() and the workers; here they are only
@@ -283,12 +316,17 @@ class OutboxEventAdmin(admin.ModelAdmin):
     @admin.action(permissions=["retry"], description="Retry now")
     def retry_now(self, request: HttpRequest, queryset: QuerySet) -> None:
         """Make the selected failed events pending now, with fresh attempts."""
-        self._report(request, "Retried", retry_events(queryset, actor=_actor(request)))
+        result = retry_events(
+            queryset, actor=_actor(request), audit=self._audit(request, "Retried")
+        )
+        self._report(request, "Retried", result)
 
     @admin.action(permissions=["discard"], description="Discard (never run)")
     def discard(self, request: HttpRequest, queryset: QuerySet) -> None:
         """End the selected pending and failed events for good."""
-        result = discard_events(queryset, actor=_actor(request))
+        result = discard_events(
+            queryset, actor=_actor(request), audit=self._audit(request, "Discarded")
+        )
         self._report(request, "Discarded", result)
 
     def get_search_results(
@@ -351,13 +389,18 @@ class OutboxEventAdmin(admin.ModelAdmin):
         held back behind a retrying head."""
         if not self.has_view_permission(request):
             raise PermissionDenied
-        groups = monitoring.failure_groups()
+        groups = monitoring.failure_groups(limit=monitoring.GROUP_LIMIT + 1)
         context = {
             **self.admin_site.each_context(request),
             "opts": self.opts,
             "title": "Dead letters: failed events by cause",
-            "groups": [(group, _group_query(group)) for group in groups],
+            "groups": [
+                (group, _group_query(group))
+                for group in groups[: monitoring.GROUP_LIMIT]
+            ],
+            "more_groups": len(groups) > monitoring.GROUP_LIMIT,
             "group_limit": monitoring.GROUP_LIMIT,
+            "held_count_cap": monitoring.HELD_COUNT_CAP,
             "held_keys": monitoring.held_keys(),
             "can_retry": self.has_retry_permission(request),
             "can_discard": self.has_discard_permission(request),
@@ -399,7 +442,11 @@ class OutboxEventAdmin(admin.ModelAdmin):
         retriable = failed.filter(discarded_at__isnull=True)
         count = retriable.count()
         if request.method == "POST" and request.POST.get(CONFIRMED_COUNT) == str(count):
-            result = action.operate(retriable, actor=_actor(request))
+            result = action.operate(
+                retriable,
+                actor=_actor(request),
+                audit=self._audit(request, action.verb),
+            )
             self._report(request, action.verb, result)
             return HttpResponseRedirect(back)
         # A count that changed since the page was shown (events failed or
@@ -426,16 +473,22 @@ class OutboxEventAdmin(admin.ModelAdmin):
             request, "admin/outbox/outboxevent/failed_action_confirmation.html", context
         )
 
-    def _report(self, request: HttpRequest, verb: str, result: OperationResult) -> None:
-        """Record the changed events in the admin log and tell the operator."""
-        changed = OutboxEvent.objects.filter(pk__in=result.changed)
-        if result.changed:
+    @staticmethod
+    def _audit(request: HttpRequest, verb: str) -> Callable[[list[int]], None]:
+        """Record changed events in the admin log, in the transaction changing them."""
+
+        def log(changed: list[int]) -> None:
             LogEntry.objects.log_actions(
                 user_id=cast(int, request.user.pk),  # the admin requires a login
-                queryset=changed,
+                queryset=OutboxEvent.objects.filter(pk__in=changed),
                 action_flag=CHANGE,
                 change_message=f"{verb} (operator action).",
             )
+
+        return log
+
+    def _report(self, request: HttpRequest, verb: str, result: OperationResult) -> None:
+        """Tell the operator what changed and what was skipped, and why."""
         message = f"{verb} {_events(len(result.changed))}."
         if result.skipped:
             message += (
@@ -480,6 +533,36 @@ class OutboxEventAdmin(admin.ModelAdmin):
         state = "live" if event.locked_until > timezone.now() else "expired"
         until = event.locked_until.isoformat(sep=" ", timespec="seconds")
         return f"held by {event.locked_by} until {until} ({state})"
+
+    @admin.display(description="deliveries")
+    def deliveries_table(self, event: OutboxEvent) -> SafeString:
+        """Every subscriber's delivery of the event, this one marked."""
+        deliveries = (
+            OutboxEvent.objects.filter(uuid=event.uuid)
+            .only("subscriber", "status", "attempts", "max_attempts", "discarded_at")
+            .order_by("subscriber")
+        )
+        rows = format_html_join(
+            "",
+            '<tr class="{}"><td><a href="{}">{}</a></td><td>{}</td><td>{} / {}</td>'
+            "</tr>",
+            (
+                (
+                    "outbox-delivery-this" if other.pk == event.pk else "",
+                    reverse("admin:outbox_outboxevent_change", args=[other.pk]),
+                    other.subscriber or "(unnamed handler)",
+                    self.status_label(other),
+                    other.attempts,
+                    other.max_attempts,
+                )
+                for other in deliveries
+            ),
+        )
+        return format_html(
+            '<table class="outbox-deliveries"><thead><tr><th>Subscriber</th>'
+            "<th>Status</th><th>Attempts</th></tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
 
     @admin.display(description="trace")
     def trace_label(self, event: OutboxEvent) -> str:
@@ -576,6 +659,7 @@ def _group_query(group: monitoring.FailureGroup) -> str:
         {
             "status__exact": Status.FAILED,
             "event_type": group.event_type,
+            "subscriber": group.subscriber or UNNAMED,
             "error_cause": group.cause,
         }
     )

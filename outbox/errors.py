@@ -22,10 +22,15 @@ class Retry(Exception):  # noqa: N818 - named for what the handler asks for
 
 
 class HandlerNotFound(LookupError):  # noqa: N818 - reads as the error it is
-    """No handler is registered for an event's type."""
+    """No handler is registered for an event's type (and subscriber)."""
 
-    def __init__(self, event_type: str) -> None:
-        super().__init__(f"no handler registered for {event_type!r}")
+    def __init__(self, event_type: str, subscriber: str = "") -> None:
+        if subscriber:
+            super().__init__(
+                f"no handler named {subscriber!r} registered for {event_type!r}"
+            )
+        else:
+            super().__init__(f"no handler registered for {event_type!r}")
 
 
 class LeaseExpired(Exception):  # noqa: N818 - recorded as the attempt's error class

@@ -90,8 +90,8 @@ class Run:
     error: BaseException | None = None
     #: For RETRIED: how long until the next attempt.
     retry_in: timedelta | None = None
-    #: Keys whose next event a publisher held back from promotion.
-    keys_to_recheck: set[str] = field(default_factory=set)
+    #: Lanes whose next event a publisher held back from promotion.
+    lanes_to_recheck: set[ordering.Lane] = field(default_factory=set)
     #: Seconds the run took, its transaction included (None: never ran).
     duration: float | None = None
 
@@ -110,9 +110,11 @@ def run_event(event: OutboxEvent, *, using: str, backoff: Backoff) -> Run:
 
 
 def _run(event: OutboxEvent, using: str, backoff: Backoff) -> Run:
-    registered = get_handler(event.event_type)
+    registered = get_handler(event.event_type, event.subscriber)
     if registered is None:
-        return failed_run(event, HandlerNotFound(event.event_type), backoff)
+        return failed_run(
+            event, HandlerNotFound(event.event_type, event.subscriber), backoff
+        )
     try:
         return _run_in_transaction(registered, event, using)
     except _LeaseLost:
@@ -155,10 +157,12 @@ def _run_in_transaction(registered: Handler, event: OutboxEvent, using: str) -> 
         if not statements.complete(held, using=using):
             raise _LeaseLost
         event.status = Status.COMPLETED
-        busy = ordering.advance([event.key], using) if event.key else set()
+        busy = (
+            ordering.advance([ordering.lane_of(event)], using) if event.key else set()
+        )
         if registered.ended is not None:
             # Its end is this transaction's: told once it commits, if it does.
             transaction.on_commit(
                 partial(registered.ended, event), using=using, robust=True
             )
-    return Run(event, Outcome.COMPLETED, recorded=True, keys_to_recheck=busy)
+    return Run(event, Outcome.COMPLETED, recorded=True, lanes_to_recheck=busy)

@@ -76,8 +76,9 @@ class Maintenance:
         self.backoff = backoff
         self.prune_after_days = prune_after_days
         self.prune_failed_after_days = prune_failed_after_days
-        #: Keys to promote once their publisher lets go; checked every tick.
-        self.keys_to_recheck: set[str] = set()
+        #: Lanes to promote once their key's publisher lets go; checked every
+        #: tick.
+        self.lanes_to_recheck: set[ordering.Lane] = set()
         lease_seconds = lease.total_seconds()
         self._schedules = {
             Chore.RESCUE: _Schedule(min(lease_seconds / 2, RESCUE_EVERY_CAP_SECONDS)),
@@ -92,8 +93,8 @@ class Maintenance:
             Chore.PRUNE: self.prune,
         }
 
-    def recheck_later(self, keys: Iterable[str]) -> None:
-        self.keys_to_recheck.update(keys)
+    def recheck_later(self, lanes: Iterable[ordering.Lane]) -> None:
+        self.lanes_to_recheck.update(lanes)
 
     def run_due(self) -> list[Chore]:
         """Run every chore whose time has come; return those that ran."""
@@ -106,14 +107,14 @@ class Maintenance:
             schedule.due = now + schedule.every
             self._chores[chore]()
             ran.append(chore)
-        if self.keys_to_recheck:
-            self.keys_to_recheck = ordering.recheck(self.keys_to_recheck, self.using)
+        if self.lanes_to_recheck:
+            self.lanes_to_recheck = ordering.recheck(self.lanes_to_recheck, self.using)
             ran.append(Chore.RECHECK)
         return ran
 
     def rescue_expired(self) -> int:
         """Return events of dead workers to pending, or fail them if used up."""
-        finished_keys: set[str] = set()
+        finished_lanes: set[ordering.Lane] = set()
         with transaction.atomic(using=self.using):
             expired = list(
                 OutboxEvent.objects.using(self.using)
@@ -125,9 +126,9 @@ class Maintenance:
                 run = failed_run(event, LeaseExpired(event.locked_by), self.backoff)
                 outcome = write_failure(run, worker_id=self.worker_id, using=self.using)
                 if outcome is Outcome.FAILED and event.key:
-                    finished_keys.add(event.key)
-            if finished_keys:
-                self.recheck_later(ordering.advance(finished_keys, self.using))
+                    finished_lanes.add(ordering.lane_of(event))
+            if finished_lanes:
+                self.recheck_later(ordering.advance(finished_lanes, self.using))
         self.metrics.rescued_leases(len(expired))
         if expired:
             logger.warning(

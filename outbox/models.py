@@ -70,8 +70,12 @@ class OutboxEventQuerySet(models.QuerySet["OutboxEvent"]):
         return self.filter(status=Status.PROCESSING, locked_until__lt=Now())
 
     def unfinished_of_key(self, key: str) -> "OutboxEventQuerySet":
-        """Return the pending or processing events of key."""
+        """Return the pending or processing events of key, every subscriber's."""
         return self.filter(key=key, status__in=UNFINISHED)
+
+    def unfinished_of_lane(self, key: str, subscriber: str) -> "OutboxEventQuerySet":
+        """Return the pending or processing events of key for one subscriber."""
+        return self.filter(key=key, subscriber=subscriber, status__in=UNFINISHED)
 
     def claim(
         self,
@@ -121,8 +125,20 @@ class Batch:
 class OutboxEvent(models.Model):
     """A side effect to perform once the transaction that wrote it commits."""
 
-    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    # The event's: its deliveries (one row per subscriber) share it.
+    uuid = models.UUIDField(default=uuid.uuid4, editable=False)
     event_type = models.CharField(max_length=200)
+    # One row per subscriber of the event type (outbox.registry): each row is
+    # that subscriber's delivery of the event, with its own status, attempts,
+    # lease and retries, and its own order per key.
+    subscriber = models.CharField(
+        max_length=100,
+        blank=True,
+        default="",
+        db_default="",
+        help_text="The named handler (or relay) this row delivers the event to; "
+        "empty for the event type's unnamed handler.",
+    )
     payload = models.JSONField(encoder=DjangoJSONEncoder)
     key = models.CharField(
         max_length=200,
@@ -234,11 +250,12 @@ class OutboxEvent(models.Model):
                 condition=Q(status=Status.PROCESSING),
                 name="outbox_lease_idx",
             ),
-            # The head of each key: publish and promotion look it up.
+            # The head of each key's lane (a key's events of one subscriber):
+            # publish and promotion look it up.
             models.Index(
-                fields=("key", "id"),
+                fields=("key", "subscriber", "id"),
                 condition=Q(status__in=UNFINISHED) & ~Q(key=""),
-                name="outbox_key_unfinished_idx",
+                name="outbox_lane_unfinished_idx",
             ),
             # The admin's status filter and summary, "retry all failed", and
             # outbox_status. Completed events, the bulk of the table, leave it
@@ -252,6 +269,30 @@ class OutboxEvent(models.Model):
             # completion would write to it. The admin's date filter reads a
             # BRIN index (migration 0008, PostgreSQL); the pruner walks the
             # primary key, which follows creation, up to its cutoff.
+            # The dead letters: failed deliveries not discarded, grouped by
+            # type, subscriber and cause from the index alone.
+            models.Index(
+                fields=(
+                    "event_type",
+                    "subscriber",
+                    "error_cause",
+                    # Keys, not INCLUDE (SQLite has none): the page's dates
+                    # come from the index too.
+                    "failed_at",
+                    "created_at",
+                ),
+                condition=Q(status=Status.FAILED, discarded_at__isnull=True),
+                name="outbox_dead_letter_idx",
+            ),
+            # The keys held back: heads of a lane that failed an attempt and
+            # wait for their retry. Rows enter it only while they do.
+            models.Index(
+                fields=("id",),
+                condition=Q(status=Status.PENDING, waiting=False)
+                & ~Q(key="")
+                & ~Q(last_error=""),
+                name="outbox_retrying_head_idx",
+            ),
             # The admin's "has error" filter: only events that ever failed an
             # attempt are in it, a small share of a healthy table.
             models.Index(
@@ -264,9 +305,14 @@ class OutboxEvent(models.Model):
             # Partial, so the many events without one add no index entry on
             # every insert and every status change.
             models.UniqueConstraint(
-                fields=("idempotency_key",),
+                fields=("idempotency_key", "subscriber"),
                 condition=Q(idempotency_key__isnull=False),
-                name="outbox_idempotency_key_unique",
+                name="outbox_delivery_idempotency_unique",
+            ),
+            # One delivery of an event per subscriber; also the index of
+            # lookups by UUID.
+            models.UniqueConstraint(
+                fields=("uuid", "subscriber"), name="outbox_delivery_unique"
             ),
             models.CheckConstraint(
                 condition=Q(status__in=Status.values), name="outbox_status_valid"
@@ -281,6 +327,8 @@ class OutboxEvent(models.Model):
         ]
 
     def __str__(self) -> str:
+        if self.subscriber:
+            return f"{self.event_type} {self.uuid} to {self.subscriber}"
         return f"{self.event_type} {self.uuid}"
 
     def record_attempt_error(self, *, worker: str, error: BaseException) -> None:
@@ -409,6 +457,7 @@ class OutboxEvent(models.Model):
             "event_id": self.pk,
             "event_uuid": str(self.uuid),
             "event_type": self.event_type,
+            "subscriber": self.subscriber,
             "attempt": self.attempts,
         }
 

@@ -6,12 +6,12 @@ outbox_status_idx, and completed events, the bulk, are counted exactly only up
 to COUNT_CAP and estimated from PostgreSQL's statistics beyond it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connections, router
-from django.db.models import Count, Max, Min, Q
+from django.db.models import Count, Exists, Max, Min, OuterRef, Q
 from django.db.models.functions import Coalesce, Now
 
 from outbox import statements
@@ -25,8 +25,10 @@ COUNT_CAP = 10_000
 LIVE_AFTER_HEARTBEATS = 3
 #: Groups of failed events shown, the largest first.
 GROUP_LIMIT = 100
-#: Keys with a retrying head looked at, the oldest first.
+#: Keys with a retrying head shown, the oldest heads first.
 HELD_KEY_LIMIT = 100
+#: Events counted behind each held key; past it, the page says "more than".
+HELD_COUNT_CAP = 10_000
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class StatusCounts:
     completed: int
     #: False when completed is an estimate (more than COUNT_CAP rows).
     completed_exact: bool
+    #: subscriber ("" the unnamed handlers) -> pending, processing and failed
+    #: deliveries (failed counting discarded ones too).
+    by_subscriber: dict[str, dict[str, int]] = field(
+        default_factory=dict, compare=False
+    )
 
     @property
     def failed_not_discarded(self) -> int:
@@ -79,6 +86,7 @@ class OutboxStatus:
             "failed": counts.failed,
             "discarded": counts.discarded,
             "failed_not_discarded": counts.failed_not_discarded,
+            "subscribers": counts.by_subscriber,
             "lag_seconds": None if self.lag is None else self.lag.total_seconds(),
             "live_workers": self.live_workers,
             "workers": [
@@ -113,14 +121,23 @@ def count_by_status(*, using: str | None = None) -> StatusCounts:
     rows = (
         events.filter(status__in=OPEN_TO_OPERATORS)
         .order_by()
-        .values("status")
+        .values("status", "subscriber")
         .annotate(
             total=Count("id"),
             discarded=Count("id", filter=Q(discarded_at__isnull=False)),
         )
     )
+    totals: dict[str, tuple[int, int]] = {}
+    by_subscriber: dict[str, dict[str, int]] = {}
     with statements.in_index_order(using):
-        totals = {row["status"]: (row["total"], row["discarded"]) for row in rows}
+        for row in rows:
+            total, discarded = totals.get(row["status"], (0, 0))
+            totals[row["status"]] = (total + row["total"], discarded + row["discarded"])
+            counts = by_subscriber.setdefault(
+                row["subscriber"],
+                {status.value: 0 for status in OPEN_TO_OPERATORS},
+            )
+            counts[row["status"]] = row["total"]
         completed = events.filter(status=Status.COMPLETED)[: COUNT_CAP + 1].count()
     open_total = sum(total for total, _ in totals.values())
     exact = completed <= COUNT_CAP
@@ -133,6 +150,7 @@ def count_by_status(*, using: str | None = None) -> StatusCounts:
         discarded=totals.get(Status.FAILED, (0, 0))[1],
         completed=completed,
         completed_exact=exact,
+        by_subscriber=dict(sorted(by_subscriber.items())),
     )
 
 
@@ -189,9 +207,10 @@ def collect_status(*, using: str | None = None) -> OutboxStatus:
 
 @dataclass(frozen=True)
 class FailureGroup:
-    """Failed events of one event type and one cause (outbox.causes)."""
+    """Failed deliveries of one event type, subscriber and cause (outbox.causes)."""
 
     event_type: str
+    subscriber: str
     cause: str
     count: int
     first_failed_at: datetime | None
@@ -209,7 +228,8 @@ class FailureGroup:
 def failure_groups(
     *, using: str | None = None, limit: int = GROUP_LIMIT
 ) -> list[FailureGroup]:
-    """Group the failed events not discarded by event type and cause, largest first.
+    """Group the failed deliveries not discarded by event type, subscriber and
+    cause, largest first.
 
     One GROUP BY over the failed rows (outbox_status_idx finds them); events
     that failed before failed_at existed are dated by their creation.
@@ -219,13 +239,15 @@ def failure_groups(
     rows = (
         OutboxEvent.objects.using(using)
         .filter(status=Status.FAILED, discarded_at__isnull=True)
-        .values("event_type", "error_cause")
-        .annotate(count=Count("id"), first=Min(failed_at), last=Max(failed_at))
-        .order_by("-count", "event_type", "error_cause")
+        .values("event_type", "subscriber", "error_cause")
+        # Count("*"): counting ids would read the rows, not the index alone.
+        .annotate(count=Count("*"), first=Min(failed_at), last=Max(failed_at))
+        .order_by("-count", "event_type", "subscriber", "error_cause")
     )
     return [
         FailureGroup(
             event_type=row["event_type"],
+            subscriber=row["subscriber"],
             cause=row["error_cause"],
             count=row["count"],
             first_failed_at=row["first"],
@@ -237,51 +259,68 @@ def failure_groups(
 
 @dataclass(frozen=True)
 class HeldKey:
-    """A key whose head failed an attempt and waits for its retry, holding
-    back the key's later events."""
+    """A key's lane whose head failed an attempt and waits for its retry,
+    holding back the lane's later events."""
 
     key: str
     head: OutboxEvent
+    #: The events waiting behind it, counted up to HELD_COUNT_CAP + 1.
     waiting: int
+
+    @property
+    def waiting_capped(self) -> bool:
+        return self.waiting > HELD_COUNT_CAP
 
 
 def held_keys(
     *, using: str | None = None, limit: int = HELD_KEY_LIMIT
 ) -> list[HeldKey]:
-    """Return the keys held back behind a retrying head, most events held first.
+    """Return the lanes held back behind a retrying head, most events held first.
 
-    A head that failed for good releases its key (the next event becomes
+    A head that failed for good releases its lane (the next event becomes
     claimable), so only a head still to be retried holds events back. The
-    heads come from outbox_has_error_idx, the counts from
-    outbox_key_unfinished_idx.
+    heads come from outbox_retrying_head_idx, only those with an event
+    behind them; each count reads outbox_lane_unfinished_idx, and stops
+    past HELD_COUNT_CAP.
     """
     using = using or router.db_for_read(OutboxEvent)
     events = OutboxEvent.objects.using(using)
-    heads = {
-        head.key: head
-        for head in events.filter(status=Status.PENDING, waiting=False)
+    behind = events.filter(
+        key=OuterRef("key"),
+        subscriber=OuterRef("subscriber"),
+        status=Status.PENDING,
+        waiting=True,
+    )
+    heads = list(
+        events.filter(status=Status.PENDING, waiting=False)
         .exclude(key="")
         .exclude(last_error="")
+        .filter(Exists(behind))
         .only(
             "uuid",
             "event_type",
+            "subscriber",
             "key",
             "attempts",
             "max_attempts",
             "available_at",
             "error_cause",
+            "last_error",
         )
         .order_by("id")[:limit]
-    }
-    counts = (
-        events.filter(status=Status.PENDING, waiting=True, key__in=list(heads))
-        .order_by()
-        .values("key")
-        .annotate(waiting=Count("id"))
     )
     held = [
-        HeldKey(key=row["key"], head=heads[row["key"]], waiting=row["waiting"])
-        for row in counts
+        HeldKey(
+            key=head.key,
+            head=head,
+            waiting=events.filter(
+                key=head.key,
+                subscriber=head.subscriber,
+                status=Status.PENDING,
+                waiting=True,
+            )[: HELD_COUNT_CAP + 1].count(),
+        )
+        for head in heads
     ]
     return sorted(held, key=lambda entry: (-entry.waiting, entry.head.pk))
 

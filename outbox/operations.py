@@ -50,11 +50,18 @@ class OperationResult:
         )
 
 
+#: Told, inside each chunk's transaction, the ids that chunk changed: an
+#: audit trail written with the change, so a request killed halfway leaves
+#: every change it committed recorded (the admin writes its log so).
+Audit = Callable[[list[int]], None]
+
+
 def retry_events(
     events: QuerySet[OutboxEvent] | Iterable[int],
     *,
     actor: str,
     using: str | None = None,
+    audit: Audit | None = None,
 ) -> OperationResult:
     """Make failed events, and events waiting for a retry, pending now.
 
@@ -79,6 +86,8 @@ def retry_events(
             _apply(_lock(chunk, using), retry, result)
             if len(result.changed) > changed_before:
                 notify_workers(using)
+                if audit is not None:
+                    audit(result.changed[changed_before:])
     _log("retried", result)
     return result
 
@@ -88,6 +97,7 @@ def discard_events(
     *,
     actor: str,
     using: str | None = None,
+    audit: Audit | None = None,
 ) -> OperationResult:
     """End pending and failed events for good, recording who and when.
 
@@ -96,21 +106,24 @@ def discard_events(
     """
     using = using or router.db_for_write(OutboxEvent)
     result = OperationResult()
-    heads_gone: set[str] = set()
+    heads_gone: set[ordering.Lane] = set()
 
     def discard(event: OutboxEvent) -> str | None:
         reason = _discard_refusal(event)
         if reason is None:
             if event.key and event.status == Status.PENDING:
-                heads_gone.add(event.key)
+                heads_gone.add(ordering.lane_of(event))
             event.discard(actor=actor)
         return reason
 
     for chunk in _chunks(_ids(events)):
         with transaction.atomic(using=using):
             heads_gone.clear()
+            changed_before = len(result.changed)
             _apply(_lock(chunk, using), discard, result)
-            # The key's head is its earliest unfinished event: if that was
+            if audit is not None and len(result.changed) > changed_before:
+                audit(result.changed[changed_before:])
+            # The lane's head is its earliest unfinished event: if that was
             # the discarded one, the next becomes claimable (and workers are
             # told, as no insert will tell them).
             if ordering.promote_heads(heads_gone, using):

@@ -1,14 +1,16 @@
 """Order per key: the locks and the `waiting` flag that keep it.
 
-Events with the same non-empty key run one at a time, in publish order. Two
-rules hold this (docs/architecture.md, "Order per key"):
+Events with the same non-empty key run one at a time, in publish order, for
+each subscriber: a key's deliveries to one subscriber are its lane, (key,
+subscriber), and lanes of one key do not wait for each other. Two rules
+hold this (docs/architecture.md, "Order per key"):
 
 - Whoever adds or re-opens events of a key (publish(), an operator's retry)
   holds the key's advisory lock until its transaction ends, so a key's id
-  order is its commit order, and checks for earlier unfinished events under
-  that lock.
-- Only the earliest unfinished event of a key is claimable (waiting=False);
-  whoever finishes or removes a key's head promotes the next one.
+  order is its commit order, and checks for earlier unfinished events of
+  the lane under that lock. (One lock per key, whatever the lane.)
+- Only the earliest unfinished event of a lane is claimable (waiting=False);
+  whoever finishes or removes a lane's head promotes the next one.
 
 Everything that touches `waiting` goes through this module.
 """
@@ -20,6 +22,9 @@ from django.db.models import Exists, Min, Q, Subquery
 
 from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import UNFINISHED, OutboxEvent, Status
+
+#: A key's deliveries to one subscriber: (key, subscriber).
+Lane = tuple[str, str]
 
 #: First half of the advisory lock on a key ("ob" in ASCII), so the outbox's
 #: locks never collide with an application's own advisory locks.
@@ -63,13 +68,15 @@ def join_queue(event: OutboxEvent, using: str) -> None:
     ever exist, and is evaluated by the INSERT itself.
     """
     lock_keys([event.key], using)
-    event.waiting = Exists(OutboxEvent.objects.unfinished_of_key(event.key))
+    event.waiting = Exists(
+        OutboxEvent.objects.unfinished_of_lane(event.key, event.subscriber)
+    )
 
 
 def join_queues(events: Iterable[OutboxEvent], using: str) -> None:
     """Lock the keys of new events and set waiting on each, in list order.
 
-    The first new event of a key with no unfinished event is its head; every
+    The first new event of a lane with no unfinished event is its head; every
     other one waits.
     """
     keyed = [event for event in events if event.key]
@@ -77,15 +84,20 @@ def join_queues(events: Iterable[OutboxEvent], using: str) -> None:
     if not keys:
         return
     lock_keys(keys, using)
-    busy = set(
+    busy: set[Lane] = set(
         OutboxEvent.objects.using(using)
         .filter(key__in=keys, status__in=UNFINISHED)
-        .values_list("key", flat=True)
+        .values_list("key", "subscriber")
         .distinct()
     )
     for event in keyed:
-        event.waiting = event.key in busy
-        busy.add(event.key)
+        lane = lane_of(event)
+        event.waiting = lane in busy
+        busy.add(lane)
+
+
+def lane_of(event: OutboxEvent) -> Lane:
+    return (event.key, event.subscriber)
 
 
 def finishes_key(status: str) -> bool:
@@ -97,33 +109,39 @@ def finishes_key(status: str) -> bool:
     return status in (Status.COMPLETED, Status.FAILED)
 
 
-def advance(keys: Collection[str], using: str) -> set[str]:
-    """Promote the next event of each finished key; return the keys to re-check.
+def advance(lanes: Collection[Lane], using: str) -> set[Lane]:
+    """Promote the next event of each finished lane; return the lanes to re-check.
 
-    Call in the transaction that finished the keys' heads. A publisher of
+    Call in the transaction that finished the lanes' heads. A publisher of
     the key still inside its transaction may add an event this cannot see
-    yet; such a key's lock is busy, so the caller checks it again later
-    (recheck()), when that publisher's NOTIFY has woken it.
+    yet; such a key's lock is busy, so the caller checks its lanes again
+    later (recheck()), when that publisher's NOTIFY has woken it.
     """
-    busy = busy_keys(keys, using)
-    promote_heads(keys, using)
+    busy = busy_lanes(lanes, using)
+    promote_heads(lanes, using)
     return busy
 
 
-def recheck(keys: Collection[str], using: str) -> set[str]:
-    """Promote the keys a publisher or an operator held at the last try.
+def recheck(lanes: Collection[Lane], using: str) -> set[Lane]:
+    """Promote the lanes a publisher or an operator held at the last try.
 
     Unlike a head's own outcome transaction, this one holds no row lock
-    that an operator's retry would wait for, so a key still held is left
-    for the next try rather than promoted under someone's feet. Return the
-    keys still held.
+    that an operator's retry would wait for, so a lane whose key is still
+    held is left for the next try rather than promoted under someone's
+    feet. Return the lanes still held.
     """
-    if not keys:
+    if not lanes:
         return set()
     with transaction.atomic(using=using):
-        busy = busy_keys(keys, using)
-        promote_heads(set(keys) - busy, using)
+        busy = busy_lanes(lanes, using)
+        promote_heads(set(lanes) - busy, using)
     return busy
+
+
+def busy_lanes(lanes: Collection[Lane], using: str) -> set[Lane]:
+    """Take each lane's key lock if it is free; return the lanes others hold."""
+    busy = busy_keys({key for key, _ in lanes}, using)
+    return {lane for lane in lanes if lane[0] in busy}
 
 
 def busy_keys(keys: Collection[str], using: str) -> set[str]:
@@ -143,35 +161,35 @@ def busy_keys(keys: Collection[str], using: str) -> set[str]:
         return {row[0] for row in cursor.fetchall()}
 
 
-def promote_heads(keys: Collection[str], using: str) -> int:
-    """Make the earliest unfinished event of each key claimable.
+def promote_heads(lanes: Collection[Lane], using: str) -> int:
+    """Make the earliest unfinished event of each lane claimable.
 
-    Promoting a key's earliest committed unfinished event is always right; it
+    Promoting a lane's earliest committed unfinished event is always right; it
     cannot see events of publishers still inside their transactions, which
-    is why callers that did not lock the keys check busy_keys() first.
+    is why callers that did not lock the keys check busy_lanes() first.
     """
-    if not keys:
+    if not lanes:
         return 0
     heads = [
         Subquery(
             OutboxEvent.objects.using(using)
-            .unfinished_of_key(key)
+            .unfinished_of_lane(key, subscriber)
             .order_by("id")
             .values("id")[:1]
         )
-        for key in keys
+        for key, subscriber in sorted(lanes)
     ]
     waiting = OutboxEvent.objects.using(using).filter(waiting=True)
     return waiting.filter(pk__in=heads).update(waiting=False)  # type: ignore[misc]
 
 
-def hold_back_behind(heads: Mapping[str, int], using: str) -> int:
+def hold_back_behind(heads: Mapping[Lane, int], using: str) -> int:
     """Make pending events that follow these unfinished heads wait again."""
     if not heads:
         return 0
     behind = Q()
-    for key, head in heads.items():
-        behind |= Q(key=key, pk__gt=head)
+    for (key, subscriber), head in heads.items():
+        behind |= Q(key=key, subscriber=subscriber, pk__gt=head)
     return (
         OutboxEvent.objects.using(using)
         .filter(behind, status=Status.PENDING, waiting=False)
@@ -208,37 +226,38 @@ def rejoin(event: OutboxEvent, using: str) -> bool:
     """
     others = (
         OutboxEvent.objects.using(using)
-        .unfinished_of_key(event.key)
+        .unfinished_of_lane(event.key, event.subscriber)
         .exclude(pk=event.pk)
     )
     if others.filter(pk__gt=event.pk, status=Status.PROCESSING).exists():
         return False
     event.waiting = others.filter(pk__lt=event.pk).exists()
     if not event.waiting:
-        hold_back_behind({event.key: event.pk}, using)
+        hold_back_behind({lane_of(event): event.pk}, using)
     return True
 
 
 def promote_orphaned_heads(using: str) -> int:
-    """Give every key with unfinished events a claimable head again.
+    """Give every lane with unfinished events a claimable head again.
 
-    The backstop for a worker that died between finishing a key's head and
+    The backstop for a worker that died between finishing a lane's head and
     promoting the next one. It scans all unfinished keyed events, so workers
-    run it once per lease period, not on every tick. Keys whose lock someone
-    holds (a publisher, an operator's retry) are left for the next sweep.
+    run it once per lease period, not on every tick. Lanes whose key's lock
+    someone holds (a publisher, an operator's retry) are left for the next
+    sweep.
     """
     heads = (
         OutboxEvent.objects.using(using)
         .filter(status__in=UNFINISHED)
         .exclude(key="")
-        .values("key")
+        .values("key", "subscriber")
         .annotate(head=Min("id"))
         .values("head")
     )
     with transaction.atomic(using=using):
-        orphaned = set(
+        orphaned: set[Lane] = set(
             OutboxEvent.objects.using(using)
             .filter(pk__in=Subquery(heads), waiting=True)
-            .values_list("key", flat=True)
+            .values_list("key", "subscriber")
         )
-        return promote_heads(orphaned - busy_keys(orphaned, using), using)
+        return promote_heads(orphaned - busy_lanes(orphaned, using), using)

@@ -5,6 +5,7 @@ inside the inserting transaction: workers wake when it commits, once however
 many events it wrote, and never for a transaction that rolls back.
 """
 
+import uuid
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from outbox import ordering, tracing
 from outbox.conf import OutboxSettings, check_queue_name, get_settings
 from outbox.metrics import PublishMetrics, publish_metrics
 from outbox.models import DEFAULT_QUEUE, OutboxEvent
-from outbox.registry import get_handler
+from outbox.registry import get_handler, subscribers
 from outbox.storable import check_text, encode_json
 
 #: Rows per INSERT statement in publish_many().
@@ -44,12 +45,14 @@ class NewEvent:
     max_attempts: int | None = None
     queue: str | None = None
 
-    def build(self) -> OutboxEvent:
-        """Validate the event and return it as an unsaved row.
+    def build(self) -> list[OutboxEvent]:
+        """Validate the event and return its deliveries as unsaved rows.
 
-        Everything PostgreSQL would refuse is refused here, before the
-        database is touched, with the field and the limit named: an error
-        raised inside the INSERT would doom the caller's transaction.
+        One row per subscriber of the event type (outbox.registry), sharing
+        the event's UUID; the unnamed handler's first. Everything PostgreSQL
+        would refuse is refused here, before the database is touched, with
+        the field and the limit named: an error raised inside the INSERT
+        would doom the caller's transaction.
         """
         settings = get_settings()
         if not self.event_type:
@@ -70,19 +73,26 @@ class NewEvent:
             name="publish(payload=...)",
             max_bytes=settings.max_payload_bytes,
         )
-        event = OutboxEvent(
-            event_type=self.event_type,
-            payload=self.payload,
-            key=self.key or "",
-            idempotency_key=self.idempotency_key,
-            max_attempts=self.max_attempts
-            or _default_max_attempts(self.event_type, settings),
-            queue_name=self.queue or DEFAULT_QUEUE,
-            trace_context=tracing.current_context(),
-        )
+        fields = {
+            "uuid": uuid.uuid4(),
+            "event_type": self.event_type,
+            "payload": self.payload,
+            "key": self.key or "",
+            "idempotency_key": self.idempotency_key,
+            "queue_name": self.queue or DEFAULT_QUEUE,
+            "trace_context": tracing.current_context(),
+        }
         if self.available_at is not None:
-            event.available_at = self.available_at
-        return event
+            fields["available_at"] = self.available_at
+        return [
+            OutboxEvent(
+                **fields,
+                subscriber=subscriber,
+                max_attempts=self.max_attempts
+                or _default_max_attempts(self.event_type, subscriber, settings),
+            )
+            for subscriber in subscribers(self.event_type)
+        ]
 
 
 def publish(
@@ -109,27 +119,30 @@ def publish(
     one, the event is in the queue named "default".
     """
     counted = publish_metrics()
-    event = _build(
+    deliveries = _build(
         NewEvent(
             event_type, payload, key, idempotency_key, available_at, max_attempts, queue
         ),
         counted,
     )
+    first = deliveries[0]
     using = router.db_for_write(OutboxEvent)
     # A plain event needs no transaction of its own: in autocommit mode its
     # INSERT is one. A key's lock must cover the insert, so a keyed event
     # outside the caller's transaction gets one.
-    with _in_transaction(using) if event.key else nullcontext():
-        if event.idempotency_key is not None:
-            existing = _existing_events([event.idempotency_key], using)
+    with _in_transaction(using) if first.key else nullcontext():
+        if first.idempotency_key is not None:
+            existing = _existing_events([first.idempotency_key], using)
             if existing:
-                return existing[event.idempotency_key]
-        if event.key:
-            ordering.join_queue(event, using)
-        event = _insert_one(event, using)
+                return existing[first.idempotency_key]
+        if first.key and len(deliveries) == 1:
+            ordering.join_queue(first, using)  # the check rides in the INSERT
+        elif first.key:
+            ordering.join_queues(deliveries, using)
+        first = _insert(deliveries, using)[0]
     if counted is not None:
-        counted.wrote(event.event_type)
-    return event
+        counted.wrote(first.event_type)
+    return first
 
 
 def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
@@ -144,31 +157,33 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
     using = router.db_for_write(OutboxEvent)
     with _in_transaction(using):
         stored = _existing_events(
-            [event.idempotency_key for event in built if event.idempotency_key], using
+            [rows[0].idempotency_key for rows in built if rows[0].idempotency_key],
+            using,
         )
-        fresh: list[OutboxEvent] = []
-        for event in built:
-            if event.idempotency_key is None:
-                fresh.append(event)
-            elif event.idempotency_key not in stored:
-                stored[event.idempotency_key] = event
-                fresh.append(event)
-        ordering.join_queues(fresh, using)
+        fresh: list[list[OutboxEvent]] = []
+        for rows in built:
+            idempotency_key = rows[0].idempotency_key
+            if idempotency_key is None:
+                fresh.append(rows)
+            elif idempotency_key not in stored:
+                stored[idempotency_key] = rows[0]
+                fresh.append(rows)
+        ordering.join_queues([row for rows in fresh for row in rows], using)
         _insert_many(fresh, using)
-        for event in fresh:
-            if event.idempotency_key:
-                stored[event.idempotency_key] = event
+        for rows in fresh:
+            if rows[0].idempotency_key:
+                stored[rows[0].idempotency_key] = rows[0]
     if counted is not None:
-        for event in fresh:
-            counted.wrote(event.event_type)
+        for rows in fresh:
+            counted.wrote(rows[0].event_type)
     return [
-        stored[event.idempotency_key] if event.idempotency_key else event
-        for event in built
+        stored[rows[0].idempotency_key] if rows[0].idempotency_key else rows[0]
+        for rows in built
     ]
 
 
-def _build(new: NewEvent, counted: PublishMetrics | None) -> OutboxEvent:
-    """Build the event, counting a refusal in the process's metrics."""
+def _build(new: NewEvent, counted: PublishMetrics | None) -> list[OutboxEvent]:
+    """Build the event's deliveries, counting a refusal in the process's metrics."""
     try:
         return new.build()
     except (TypeError, ValueError) as error:
@@ -184,46 +199,78 @@ def _in_transaction(using: str) -> Any:
     return transaction.atomic(using=using)
 
 
-def _insert_one(event: OutboxEvent, using: str) -> OutboxEvent:
-    if event.idempotency_key is None:
-        event.save(force_insert=True, using=using)
+def _insert(deliveries: list[OutboxEvent], using: str) -> list[OutboxEvent]:
+    """Insert one event's deliveries with one statement; return them.
+
+    An event whose idempotency key a concurrent publisher took meanwhile
+    returns that publisher's event instead, and writes nothing.
+    """
+    if deliveries[0].idempotency_key is None:
+        _write(deliveries, using)
     else:
         try:
             # A savepoint, so losing a race with a concurrent publisher of
             # the same idempotency key leaves the caller's transaction usable.
             with transaction.atomic(using=using):
-                event.save(force_insert=True, using=using)
+                _write(deliveries, using)
         except IntegrityError:
-            existing = _existing_events([event.idempotency_key], using)
+            existing = _existing_events([deliveries[0].idempotency_key], using)
             if not existing:
                 raise
-            return existing[event.idempotency_key]
-    if not isinstance(event.waiting, bool):
-        # Django before 6.0 does not return expression values from an INSERT.
-        event.refresh_from_db(fields=["waiting"])
-    return event
+            return [existing[deliveries[0].idempotency_key]]
+    for event in deliveries:
+        if not isinstance(event.waiting, bool):
+            # Django before 6.0 does not return expression values from an INSERT.
+            event.refresh_from_db(fields=["waiting"])
+    return deliveries
 
 
-def _insert_many(events: list[OutboxEvent], using: str) -> None:
-    """Insert the events, replacing any that lost an idempotency race."""
-    guarded = any(event.idempotency_key for event in events)
-    for start in range(0, len(events), INSERT_CHUNK):
-        chunk = events[start : start + INSERT_CHUNK]
+def _write(deliveries: list[OutboxEvent], using: str) -> None:
+    if len(deliveries) == 1:
+        deliveries[0].save(force_insert=True, using=using)
+    else:
+        OutboxEvent.objects.using(using).bulk_create(deliveries)
+
+
+def _insert_many(events: list[list[OutboxEvent]], using: str) -> None:
+    """Insert the events' deliveries, about INSERT_CHUNK rows per statement.
+
+    An event that lost an idempotency race is replaced, in place, by the
+    winner's.
+    """
+    guarded = any(rows[0].idempotency_key for rows in events)
+    for chunk in _chunks(events):
+        flat = [row for rows in chunk for row in rows]
         if not guarded:
-            OutboxEvent.objects.using(using).bulk_create(chunk)
+            OutboxEvent.objects.using(using).bulk_create(flat)
             continue
         try:
             with transaction.atomic(using=using):
-                OutboxEvent.objects.using(using).bulk_create(chunk)
+                OutboxEvent.objects.using(using).bulk_create(flat)
         except IntegrityError:
             # A concurrent publisher took one of the idempotency keys: publish
-            # this chunk one by one, as publish() would, each resolving its
-            # own conflict and seeing the ones before it.
-            for index, event in enumerate(chunk):
-                event.pk = None
-                if event.key:
-                    ordering.join_queue(event, using)
-                events[start + index] = _insert_one(event, using)
+            # this chunk event by event, as publish() would, each resolving
+            # its own conflict and seeing the ones before it.
+            for rows in chunk:
+                for row in rows:
+                    row.pk = None
+                if rows[0].key:
+                    ordering.join_queues(rows, using)
+                rows[:] = _insert(rows, using)
+
+
+def _chunks(events: list[list[OutboxEvent]]) -> Iterable[list[list[OutboxEvent]]]:
+    """Split the events into chunks of about INSERT_CHUNK rows, each whole."""
+    chunk: list[list[OutboxEvent]] = []
+    rows = 0
+    for deliveries in events:
+        if chunk and rows + len(deliveries) > INSERT_CHUNK:
+            yield chunk
+            chunk, rows = [], 0
+        chunk.append(deliveries)
+        rows += len(deliveries)
+    if chunk:
+        yield chunk
 
 
 def _existing_events(idempotency_keys: list[str], using: str) -> dict[str, OutboxEvent]:
@@ -232,7 +279,12 @@ def _existing_events(idempotency_keys: list[str], using: str) -> dict[str, Outbo
     found = OutboxEvent.objects.using(using).filter(
         idempotency_key__in=idempotency_keys
     )
-    return {event.idempotency_key: event for event in found if event.idempotency_key}
+    events: dict[str, OutboxEvent] = {}
+    # An event's first delivery, as publish() returns it.
+    for event in found.order_by("subscriber"):
+        if event.idempotency_key:
+            events.setdefault(event.idempotency_key, event)
+    return events
 
 
 def _check_text(field: str, value: object) -> None:
@@ -252,8 +304,10 @@ def _check_max_attempts(value: object) -> None:
         )
 
 
-def _default_max_attempts(event_type: str, settings: OutboxSettings) -> int:
-    registered = get_handler(event_type)
+def _default_max_attempts(
+    event_type: str, subscriber: str, settings: OutboxSettings
+) -> int:
+    registered = get_handler(event_type, subscriber)
     if registered is not None and registered.max_attempts is not None:
         return registered.max_attempts
     return settings.max_attempts

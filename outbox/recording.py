@@ -66,23 +66,24 @@ class BatchResult:
 @dataclass
 class Recorded:
     result: BatchResult
-    #: Keys a publisher held when their next event was to be promoted.
-    keys_to_recheck: set[str]
+    #: Lanes whose key a publisher held when their next event was to be
+    #: promoted.
+    lanes_to_recheck: set[ordering.Lane]
 
 
 def record(runs: list[Run], *, using: str, worker_id: str) -> Recorded:
     """Write each run's outcome, fenced; return the counts and keys to re-check."""
     result = BatchResult()
-    recheck: set[str] = set()
+    recheck: set[ordering.Lane] = set()
     to_complete = [run for run in runs if _pending(run, Outcome.COMPLETED)]
     to_release = [run for run in runs if _pending(run, Outcome.RELEASED)]
     completed = statements.complete(_held(to_complete), using=using)
     released = statements.release(_held(to_release), using=using)
-    finished_keys: set[str] = set()
+    finished_lanes: set[ordering.Lane] = set()
     for run in runs:
         if run.recorded:
             # Its own transaction wrote its end, and told its handler.
-            recheck |= run.keys_to_recheck
+            recheck |= run.lanes_to_recheck
             _log_completed(run, worker_id)
         elif run.outcome is Outcome.COMPLETED:
             run.outcome = _kept(run, run.event.pk in completed, Status.COMPLETED)
@@ -98,10 +99,10 @@ def record(runs: list[Run], *, using: str, worker_id: str) -> Recorded:
             and not run.recorded
             and ordering.finishes_key(run.event.status)
         ):
-            finished_keys.add(run.event.key)
+            finished_lanes.add(ordering.lane_of(run.event))
         result.count(run.outcome)
-    if finished_keys:
-        recheck |= ordering.advance(finished_keys, using)
+    if finished_lanes:
+        recheck |= ordering.advance(finished_lanes, using)
     if released:
         notify_workers(using)  # ready again, for other workers
     return Recorded(result, recheck)
@@ -150,7 +151,7 @@ def after_end(event: OutboxEvent, using: str) -> None:
     Inside the caller's transaction (a turn's, the rescue's); a turn that
     fails rolls the callback back with it, and writes it again when retried.
     """
-    registered = get_handler(event.event_type)
+    registered = get_handler(event.event_type, event.subscriber)
     if registered is not None and registered.ended is not None:
         transaction.on_commit(
             partial(registered.ended, event), using=using, robust=True

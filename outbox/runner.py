@@ -228,18 +228,18 @@ class Heartbeat:
         completed, failed = self.worker.activity.take()
         using = self.worker.using
         try:
+            counted = activity.ready_counted(using)
+            ready = None if counted else activity.count_ready(using)
             activity.add_to_minute(
-                using=using,
-                completed=completed,
-                failed=failed,
-                ready=activity.count_ready(using),
+                using=using, completed=completed, failed=failed, ready=ready
             )
-            if time.monotonic() >= self._forget_at:
-                activity.forget_old(using)
-                self._forget_at = time.monotonic() + FORGET_EVERY_SECONDS
         except DatabaseError:
             self.worker.activity.add(completed=completed, failed=failed)
             raise
+        if time.monotonic() >= self._forget_at:
+            # After the counts are in: a failure here must not add them twice.
+            self._forget_at = time.monotonic() + FORGET_EVERY_SECONDS
+            activity.forget_old(using)
 
     def flush_activity(self) -> None:
         """Record the activity since the last beat, as the worker stops."""

@@ -35,6 +35,8 @@ stores NULL, a claim costs one no-op span and a handler none.
 """
 
 import importlib.metadata
+import logging
+import re
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -57,8 +59,14 @@ if TYPE_CHECKING:
 
     from outbox.models import OutboxEvent
 
+logger = logging.getLogger(__name__)
+
 #: The messaging system's name in the spans' attributes.
 SYSTEM = "outbox"
+#: A W3C traceparent, version 00; anything else stored is not followed.
+TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+#: The longest tracestate followed (the W3C limit: 32 members, 512 chars).
+TRACESTATE_LIMIT = 512
 RECEIVE_SPAN = "receive outbox"
 #: Where a claimed event keeps its receive span's context and its
 #: publisher's link, for its process span: (Context, Link | None), or
@@ -86,11 +94,35 @@ def current_context() -> dict[str, str] | None:
     """Return the active span's W3C trace context, or None outside one."""
     if trace is None:
         return None
-    if not trace.get_current_span().get_span_context().is_valid:
+    try:
+        if not trace.get_current_span().get_span_context().is_valid:
+            return None
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier)
+    except Exception as error:  # tracing never stops a publish
+        _failed(error)
         return None
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier)
     return carrier
+
+
+_warned = False
+
+
+def _failed(error: Exception) -> None:
+    """Log the first failure of the tracing machinery; the work goes on untraced.
+
+    A broken sampler, span processor or exporter of the project's must not
+    change what the outbox does: the event is published, claimed, run and
+    recorded as it would be without OpenTelemetry.
+    """
+    global _warned  # once per process: it would repeat for every event
+    log = logger.debug if _warned else logger.warning
+    _warned = True
+    log(
+        "outbox tracing failed: %s; the outbox goes on, untraced where it failed",
+        type(error).__name__,
+        exc_info=True,
+    )
 
 
 def received(claimed: list["OutboxEvent"], *, started: int, worker_id: str) -> None:
@@ -100,6 +132,15 @@ def received(claimed: list["OutboxEvent"], *, started: int, worker_id: str) -> N
     """
     if trace is None or not claimed:
         return
+    try:
+        _receive(claimed, started, worker_id)
+    except Exception as error:  # tracing never strands a claimed batch
+        _failed(error)
+        for event in claimed:
+            setattr(event, _CLAIMED, _UNTRACED)
+
+
+def _receive(claimed: list["OutboxEvent"], started: int, worker_id: str) -> None:
     span = _tracer.start_span(
         RECEIVE_SPAN,
         kind=trace.SpanKind.CLIENT,
@@ -153,6 +194,8 @@ class Processing:
         }
         if event.key:
             attributes["outbox.event.key"] = event.key
+        if event.subscriber:
+            attributes["outbox.subscriber"] = event.subscriber
         if event.locked_by:
             attributes["messaging.client.id"] = event.locked_by
         self._span = _tracer.start_span(
@@ -172,9 +215,12 @@ class Processing:
 
     def finished(self, outcome: str, error: BaseException | None) -> None:
         """Tell the span how the run ended: its outcome, and its error if any."""
-        self._span.set_attribute("outbox.outcome", outcome)
-        if error is not None:
-            _record_error(self._span, error)
+        try:
+            self._span.set_attribute("outbox.outcome", outcome)
+            if error is not None:
+                _record_error(self._span, error)
+        except Exception as failure:  # the run's outcome stands
+            _failed(failure)
 
     def __exit__(
         self,
@@ -184,10 +230,17 @@ class Processing:
     ) -> None:
         # Only what the run lets out: KeyboardInterrupt, a fault of the
         # worker's own. The handler's errors are outcomes, told by finished().
-        if error is not None:
-            _record_error(self._span, error)
-        otel_context.detach(self._token)
-        self._span.end()
+        try:
+            if error is not None:
+                _record_error(self._span, error)
+        except Exception as failure:
+            _failed(failure)
+        finally:
+            otel_context.detach(self._token)
+            try:
+                self._span.end()
+            except Exception as failure:  # an exporter's, say
+                _failed(failure)
 
 
 class NotProcessing:
@@ -212,20 +265,24 @@ def processing(event: "OutboxEvent") -> Processing | NotProcessing:
     """Return the span to run event's handler in, as a context manager."""
     if trace is None or getattr(event, _CLAIMED, None) is _UNTRACED:
         return _NOT_PROCESSING
-    return Processing(event)
+    try:
+        return Processing(event)
+    except Exception as error:  # the handler runs untraced
+        _failed(error)
+        return _NOT_PROCESSING
 
 
 def _link(stored: object) -> "trace.Link | None":
     """The link to the span an event's stored context names, if valid."""
     if not isinstance(stored, dict):
         return None
-    carrier = {
-        name: value
-        for name in ("traceparent", "tracestate")
-        if isinstance(value := stored.get(name), str) and value
-    }
-    if "traceparent" not in carrier:
+    traceparent = stored.get("traceparent")
+    if not isinstance(traceparent, str) or not TRACEPARENT.fullmatch(traceparent):
         return None
+    carrier = {"traceparent": traceparent}
+    tracestate = stored.get("tracestate")
+    if isinstance(tracestate, str) and 0 < len(tracestate) <= TRACESTATE_LIMIT:
+        carrier["tracestate"] = tracestate
     span_context = trace.get_current_span(
         _PROPAGATOR.extract(carrier)
     ).get_span_context()

@@ -264,11 +264,11 @@ class Worker:
             recorded = record(finished, using=self.using, worker_id=self.worker_id)
             claim_started = time.time_ns()
             batch = self._claim(room) if room else Batch(events=[], token=0)
-        # Once committed: a claim that rolled back took nothing.
-        tracing.received(batch.events, started=claim_started, worker_id=self.worker_id)
         self.leases.drop(run.event for run in finished)
         self.leases.hold(batch.events, claimed_at=started)
-        self.maintenance.recheck_later(recorded.keys_to_recheck)
+        # Once committed (a claim that rolled back took nothing) and held.
+        tracing.received(batch.events, started=claim_started, worker_id=self.worker_id)
+        self.maintenance.recheck_later(recorded.lanes_to_recheck)
         result = recorded.result
         result.claimed = len(batch)
         result.seconds = time.monotonic() - started
@@ -296,8 +296,8 @@ class Worker:
         """Claim up to limit (default: batch_size) ready events."""
         claim_started = time.time_ns()
         batch = self._claim(limit or self.batch_size)
-        tracing.received(batch.events, started=claim_started, worker_id=self.worker_id)
         self.leases.hold(batch.events)
+        tracing.received(batch.events, started=claim_started, worker_id=self.worker_id)
         return batch
 
     def process(self, batch: Batch) -> BatchResult:

@@ -36,19 +36,19 @@ def register_handler():
     """Register handlers for one test and forget them afterwards."""
     from outbox import registry
 
-    registered: list[str] = []
+    registered: list[tuple[str, str]] = []
 
-    def register(event_type: str, function=None, *, max_attempts=None):
+    def register(event_type: str, function=None, *, max_attempts=None, name=None):
         def decorate(function):
-            registry.handler(event_type, max_attempts=max_attempts)(function)
-            registered.append(event_type)
+            registry.handler(event_type, max_attempts=max_attempts, name=name)(function)
+            registered.append((event_type, name or ""))
             return function
 
         return decorate(function) if function is not None else decorate
 
     yield register
-    for event_type in registered:
-        registry.unregister(event_type)
+    for event_type, subscriber in registered:
+        registry.unregister(event_type, subscriber)
 
 
 @pytest.fixture(autouse=True)

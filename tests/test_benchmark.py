@@ -31,6 +31,7 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "drain-1",
         "drain-1-metrics",
         "drain-1-traced",
+        "fanout",
         "drain-4",
         "latency",
         "latency-metrics",
@@ -53,5 +54,5 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "backlog-1m-c16",
     }
     assert all(len(runs) == 1 for runs in report["runs"].values())
-    assert len(report["targets"]) == 22
+    assert len(report["targets"]) == 24
     assert "drain-1 >= 60 % of the ceiling" in result.stdout

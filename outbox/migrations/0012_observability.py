@@ -1,8 +1,8 @@
 """Observability: each failure's cause, the publisher's trace, a minute's work.
 
 - error_cause: the admin's dead letters group failed events by it
-  (outbox/causes.py). Failed events already there get theirs from their
-  last_error here; events that fail later get it with the failure.
+  (outbox/causes.py). Events that fail from now on get it with the
+  failure; 0013 gives the failed and retrying events already there theirs.
 - trace_context: the W3C trace context publish() saw (outbox/tracing.py).
 - OutboxActivity: what the workers recorded per minute, for the admin's
   chart of the last hour (outbox/activity.py).
@@ -12,32 +12,6 @@ error_cause) and a nullable column: adding them rewrites no row.
 """
 
 from django.db import migrations, models
-
-from outbox.causes import cause_of
-
-#: Failed events given their cause per statement.
-BACKFILL_CHUNK = 1000
-
-
-def backfill_causes(apps, schema_editor):
-    events = apps.get_model("outbox", "OutboxEvent").objects.using(
-        schema_editor.connection.alias
-    )
-    failed = (
-        events.filter(status="failed", error_cause="")
-        .exclude(last_error="")
-        .only("id", "last_error")
-        .order_by("id")
-    )
-    chunk = []
-    for event in failed.iterator(chunk_size=BACKFILL_CHUNK):
-        event.error_cause = cause_of(event.last_error)
-        chunk.append(event)
-        if len(chunk) == BACKFILL_CHUNK:
-            events.bulk_update(chunk, ["error_cause"])
-            chunk = []
-    if chunk:
-        events.bulk_update(chunk, ["error_cause"])
 
 
 class Migration(migrations.Migration):
@@ -77,5 +51,4 @@ class Migration(migrations.Migration):
             name="trace_context",
             field=models.JSONField(blank=True, editable=False, null=True),
         ),
-        migrations.RunPython(backfill_causes, migrations.RunPython.noop, elidable=True),
     ]

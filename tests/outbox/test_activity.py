@@ -36,7 +36,8 @@ def test_heartbeat__adds_the_workers_counts_and_the_ready_backlog_to_the_minute(
     heartbeat.record_activity()
 
     (row,) = OutboxActivity.objects.all()
-    assert (row.completed, row.failed, row.ready) == (7, 1, 4)
+    # The backlog is counted once a minute: the first beat's count stands.
+    assert (row.completed, row.failed, row.ready) == (7, 1, 3)
     assert row.minute.second == row.minute.microsecond == 0
     assert worker.activity.take() == (0, 0)
 
@@ -56,6 +57,25 @@ def test_heartbeat__keeps_the_counts_a_failed_write_could_not_add(
         heartbeat.record_activity()
 
     assert worker.activity.take() == (4, 2)
+
+
+def test_heartbeat__a_failed_cleanup_does_not_add_the_counts_twice(
+    monkeypatch,
+) -> None:
+    worker = Worker(worker_id="beating")
+    heartbeat = Heartbeat(worker)
+    worker.activity.add(completed=10, failed=1)
+
+    def refuse(using: str) -> int:
+        raise DatabaseError("statement timeout")
+
+    monkeypatch.setattr(activity, "forget_old", refuse)
+    with pytest.raises(DatabaseError):
+        heartbeat.record_activity()
+    heartbeat.record_activity()  # the next beat
+
+    (row,) = OutboxActivity.objects.all()
+    assert (row.completed, row.failed) == (10, 1)
 
 
 def test_worker__counts_the_events_it_completed_and_failed(register_handler) -> None:

@@ -10,10 +10,10 @@ from django.contrib.admin.models import LogEntry
 from django.db import connection
 from django.urls import reverse
 
-from outbox import monitoring, publish
+from outbox import NewEvent, monitoring, operations, publish, publish_many
 from outbox.causes import CAUSE_LIMIT, cause_of
 from outbox.models import OutboxEvent, Status
-from outbox.operations import discard_events
+from outbox.operations import discard_events, retry_events
 from outbox.testing import drain
 from tests.outbox.factories import OutboxEventFactory
 
@@ -229,6 +229,51 @@ def test_held_keys__count_the_events_behind_a_retrying_head(register_handler) ->
     assert head.error_cause == "TimeoutError: gateway timed out after <n> s"
 
 
+def test_held_keys__are_not_hidden_behind_retrying_heads_that_hold_nothing(
+    register_handler,
+) -> None:
+    def handle(event: OutboxEvent) -> None:
+        if event.payload["n"] == 0:
+            raise TimeoutError("down")
+
+    register_handler("order.sync", handle)
+    publish_many(
+        [NewEvent("order.sync", {"n": 0}, key=f"lonely-{n}") for n in range(5)]
+        + [NewEvent("order.sync", {"n": n}, key="hot") for n in range(4)]
+    )
+    drain()
+
+    held = monitoring.held_keys(limit=2)
+
+    assert [(entry.key, entry.waiting) for entry in held] == [("hot", 3)]
+
+
+def test_held_keys__count_up_to_a_cap(register_handler, monkeypatch) -> None:
+    def handle(event: OutboxEvent) -> None:
+        raise TimeoutError("down")
+
+    register_handler("order.sync", handle)
+    monkeypatch.setattr(monitoring, "HELD_COUNT_CAP", 2)
+    publish_many([NewEvent("order.sync", {"n": n}, key="hot") for n in range(6)])
+    drain()
+
+    (held,) = monitoring.held_keys()
+
+    assert (held.waiting, held.waiting_capped) == (3, True)
+
+
+def test_dead_letters__a_groups_list_matches_its_count(operator) -> None:
+    OutboxEventFactory.create_batch(2, failed=True)
+    discard_events([OutboxEventFactory.create(failed=True).pk], actor="someone")
+    html = operator.get(reverse(DEAD_LETTERS)).content.decode()
+    show = re.search(r'href="([^"]*)" class="outbox-group-events"', html)
+    assert show is not None
+
+    listed = operator.get(show[1].replace("&amp;", "&")).context["cl"].result_list
+
+    assert len(listed) == 2
+
+
 def test_held_keys__a_head_failed_for_good_holds_nothing_back(register_handler) -> None:
     def handle(event: OutboxEvent) -> None:
         if event.payload["n"] == 0:
@@ -259,18 +304,43 @@ def test_dead_letters_view__shows_the_held_keys(register_handler, operator) -> N
     assert "order-7" in html
 
 
-def test_migration__gives_failed_events_their_cause() -> None:
-    migration = importlib.import_module("outbox.migrations.0012_observability")
-    old = OutboxEventFactory.create(
-        failed=True, last_error="TimeoutError: after 30 s", error_cause=""
+@pytest.mark.sqlite
+def test_migration__gives_failed_and_retrying_events_their_cause(monkeypatch) -> None:
+    migration = importlib.import_module("outbox.migrations.0013_error_causes")
+    monkeypatch.setattr(migration, "CHUNK", 2)  # several chunks
+    failed = OutboxEventFactory.create_batch(
+        3, failed=True, last_error="TimeoutError: after 30 s", error_cause=""
     )
-    unfailed = OutboxEventFactory.create(
-        last_error="TimeoutError: after 30 s", attempts=1
+    retrying = OutboxEventFactory.create(last_error="KeyError: 'x'", attempts=1)
+    completed = OutboxEventFactory.create(
+        completed=True, last_error="TimeoutError: after 30 s"
     )
 
     migration.backfill_causes(apps, connection.schema_editor())
 
-    old.refresh_from_db()
-    unfailed.refresh_from_db()
-    assert old.error_cause == "TimeoutError: after <n> s"
-    assert unfailed.error_cause == ""
+    causes = dict(OutboxEvent.objects.values_list("pk", "error_cause"))
+    assert [causes[event.pk] for event in failed] == ["TimeoutError: after <n> s"] * 3
+    assert causes[retrying.pk] == "KeyError: '…'"
+    assert causes[completed.pk] == ""  # done with: nobody groups it
+
+
+def test_group_retry__audits_each_chunk_with_its_change(monkeypatch) -> None:
+    """A request killed halfway (here: the second chunk's audit raises) leaves
+    every change it committed in the audit trail, and nothing else changed."""
+    monkeypatch.setattr(operations, "CHUNK", 2)
+    events = OutboxEventFactory.create_batch(5, failed=True)
+    audited: list[list[int]] = []
+
+    def audit(changed: list[int]) -> None:
+        if audited:
+            raise RuntimeError("the request was killed")
+        audited.append(changed)
+
+    with pytest.raises(RuntimeError):
+        retry_events([event.pk for event in events], actor="operator", audit=audit)
+
+    pending = set(
+        OutboxEvent.objects.filter(status=Status.PENDING).values_list("pk", flat=True)
+    )
+    assert audited == [[events[0].pk, events[1].pk]]
+    assert pending == {events[0].pk, events[1].pk}

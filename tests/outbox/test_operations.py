@@ -328,7 +328,7 @@ def test_promotion__racing_an_operator_retry_leaves_one_head(monkeypatch, promot
         if promoter == "sweep":
             ordering.promote_orphaned_heads("default")
         else:
-            ordering.recheck({"k"}, "default")  # as the worker's maintenance does
+            ordering.recheck({("k", "")}, "default")  # as the worker's maintenance does
 
     op = InThread(operator)
     assert in_txn.wait(5)  # operator: key + rows locked, first re-opened as head

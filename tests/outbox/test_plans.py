@@ -195,7 +195,7 @@ def test_lease_rescue__reads_the_processing_index(backlog: None) -> None:
 
 def test_key_head_promotion__reads_the_key_index(backlog: None) -> None:
     with plans() as taken:
-        ordering.advance({"k"}, "default")
+        ordering.advance({("k", "")}, "default")
 
     assert_bounded(taken, statements=1, rows=10)
 

@@ -25,7 +25,7 @@ def test_handler__registers_and_returns_the_function() -> None:
     assert registered is not None
     assert registered.function is first
     assert registered.max_attempts == 3
-    assert registered.name == "tests.outbox.test_registry.first"
+    assert registered.path == "tests.outbox.test_registry.first"
 
 
 def test_handler__a_second_handler_for_a_type_names_both() -> None:
@@ -60,4 +60,4 @@ def test_autodiscover__imports_each_apps_handlers_module() -> None:
     registered = registry.get_handler("outbox_testapp.discovered")
 
     assert registered is not None
-    assert registered.name == "tests.outbox_app.handlers.record_discovery"
+    assert registered.path == "tests.outbox_app.handlers.record_discovery"

@@ -11,11 +11,12 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from opentelemetry import baggage, context, trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
     InMemorySpanExporter,
@@ -45,6 +46,31 @@ def exporter() -> Iterator[InMemorySpanExporter]:
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     yield exporter
     exporter.shutdown()  # the spans of later modules' tests go nowhere
+
+
+class BreakingProcessor(SpanProcessor):
+    """A project's span processor that raises for the spans whose name starts
+    with broken, as the SDK lets it: the outbox must go on as without tracing."""
+
+    broken = ""
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self.broken and span.name.startswith(self.broken):
+            raise RuntimeError("the span processor is broken")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.broken and span.name.startswith(self.broken):
+            raise RuntimeError("the span processor is broken")
+
+
+@pytest.fixture(scope="module")
+def breaking(exporter: InMemorySpanExporter) -> Iterator[BreakingProcessor]:
+    processor = BreakingProcessor()
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.add_span_processor(processor)
+    yield processor
+    processor.broken = ""
 
 
 @pytest.fixture
@@ -220,6 +246,62 @@ def test_drain__spans_the_handler_opens_are_children_of_its_span(
         assert span.parent is not None
         assert span.parent.span_id == process.context.span_id
     assert (process.attributes or {})["outbox.outcome"] == "completed"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("concurrency", [1, 2])
+@pytest.mark.parametrize("broken", ["receive", "process"])
+def test_a_broken_tracer__changes_nothing_the_worker_does(
+    spans, breaking, register_handler, concurrency, broken, caplog
+) -> None:
+    from outbox import tracing
+    from outbox.worker import Worker
+
+    ran: list[int] = []
+    register_handler("traced.ok", lambda event: ran.append(event.payload["n"]))
+    publish_many([NewEvent("traced.ok", {"n": n}) for n in range(5)])
+    breaking.broken = broken
+    tracing._warned = False
+    try:
+        result = Worker(worker_id="traced", concurrency=concurrency).run(drain=True)
+    finally:
+        breaking.broken = ""
+
+    assert (result.claimed, result.completed) == (5, 5)
+    assert sorted(ran) == [0, 1, 2, 3, 4]
+    assert set(OutboxEvent.objects.values_list("status", flat=True)) == {
+        Status.COMPLETED
+    }
+    warnings = [r for r in caplog.records if "outbox tracing failed" in r.message]
+    assert len(warnings) == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"traceparent": 5},
+        {"traceparent": "00-" + "f" * 10_000},
+        {"traceparent": REMOTE_TRACEPARENT.upper()},
+        {"traceparent": REMOTE_TRACEPARENT, "tracestate": "x" * 10_000},
+        ["not", "a", "dict"],
+    ],
+)
+def test_drain__a_malformed_stored_context_is_not_followed(
+    spans, register_handler, stored
+) -> None:
+    register_handler("traced.ok", lambda event: None)
+    event = publish("traced.ok", {})
+    OutboxEvent.objects.filter(pk=event.pk).update(trace_context=stored)
+
+    assert drain().completed == 1
+
+    (process,) = named(spans, "process traced.ok")
+    if isinstance(stored, dict) and "tracestate" in stored:
+        assert [link.context.span_id for link in process.links] == [0xB7AD6B7169203331]
+        assert not process.links[0].context.trace_state
+    else:
+        assert not process.links
 
 
 @pytest.mark.slow

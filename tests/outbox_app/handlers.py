@@ -93,3 +93,19 @@ async def log_span_then_record_async(event: OutboxEvent) -> None:
 def _append(path: str, line: str) -> None:
     with Path(path).open("a") as log:
         log.write(line + "\n")
+
+
+@handler("outbox_testapp.fanout", name="steady")
+def record_steadily(event: OutboxEvent) -> None:
+    """One of two subscribers: log "steady <uuid> <attempt>", record a run."""
+    _append(event.payload["log"], f"steady {event.uuid} {event.attempts}")
+    HandlerRun.objects.create(event_uuid=event.uuid, worker=f"steady:{event.pk}")
+
+
+@handler("outbox_testapp.fanout", name="flaky")
+def fail_first_then_record(event: OutboxEvent) -> None:
+    """The other: fails its first attempt at each event, then records."""
+    _append(event.payload["log"], f"flaky {event.uuid} {event.attempts}")
+    if event.attempts == 1:
+        raise ConnectionError("the CRM is down")
+    HandlerRun.objects.create(event_uuid=event.uuid, worker=f"flaky:{event.pk}")

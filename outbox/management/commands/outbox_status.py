@@ -86,6 +86,16 @@ def _as_text(status: OutboxStatus) -> str:
         f"lag         {lag}",
         f"workers     {status.live_workers} live",
     ]
+    named = [name for name in counts.by_subscriber if name]
+    if named:
+        # Fan-out: the counts above are deliveries, one per subscriber.
+        width = max(len(name) for name in [*named, "(unnamed)"])
+        lines.insert(4, "deliveries by subscriber (pending / processing / failed):")
+        lines[5:5] = [
+            f"  {name or '(unnamed)':<{width}}  {n['pending']} / {n['processing']} / "
+            f"{n['failed']}"
+            for name, n in counts.by_subscriber.items()
+        ]
     lines += [
         f"  {worker.worker_id}  {worker.hostname} pid {worker.pid}  "
         f"last heartbeat {worker.last_seen_at:%Y-%m-%d %H:%M:%S %Z}  "
