@@ -74,7 +74,8 @@ def ready_counted(using: str) -> bool:
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT 1 FROM {table} WHERE minute = {_minute(using)}"  # noqa: S608 - names
-            " AND ready IS NOT NULL"
+            " AND ready IS NOT NULL",
+            [],  # no values, but given: the %% of SQLite's format become %
         )
         return cursor.fetchone() is not None
 
