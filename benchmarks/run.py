@@ -74,7 +74,7 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
     from django.core.management import call_command
     from django.db import connection
 
-    from benchmarks import peers
+    from benchmarks import peers, relays
     from benchmarks import workloads as w
 
     call_command("migrate", run_syncdb=True, verbosity=0)
@@ -92,6 +92,14 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
         ("drain-1-metrics", lambda: w.drain(drain_events, batch, 1, metrics=True)),
         ("drain-1-traced", lambda: w.drain(drain_events, batch, 1, traced=True)),
         ("fanout", lambda: w.fanout(500 if quick else 2_000, batch)),
+        (
+            "relay-jetstream",
+            lambda: relays.relay(1_000 if quick else 10_000, "jetstream"),
+        ),
+        (
+            "relay-rabbitmq",
+            lambda: relays.relay(1_000 if quick else 10_000, "rabbitmq"),
+        ),
         ("drain-4", lambda: w.drain(drain_events, batch, 4)),
         ("latency", lambda: w.latency(50 if quick else 1_000, database_url)),
         (
@@ -209,8 +217,24 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
         run[1]["notes"]["time_vs_1_subscriber"] for run in runs["fanout"]
     )
     fanout_rows = max(run[2]["rate"] for run in runs["fanout"])
+    relay_shares = {
+        broker: max(run[2]["notes"]["share_of_bare"] for run in runs[f"relay-{broker}"])
+        for broker in ("jetstream", "rabbitmq")
+    }
     p50_metrics = best(runs, "latency-metrics", by="p50_ms")["notes"]["p50_ms"]
     return [
+        check(
+            "relay to JetStream, concurrency 16 >= 50 % of its client",
+            relay_shares["jetstream"],
+            ">=",
+            0.5,
+        ),
+        check(
+            "relay to RabbitMQ, concurrency 16 >= 50 % of its client",
+            relay_shares["rabbitmq"],
+            ">=",
+            0.5,
+        ),
         check(
             "publish(), 2 subscribers, <= 1.3 x the time of 1",
             fanout_publish,

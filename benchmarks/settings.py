@@ -38,3 +38,9 @@ if os.environ.get("BENCHMARK_TRACING") == "1":
     from benchmarks.tracing import set_provider
 
     set_provider()
+
+# The relay workload's workers (benchmarks/relays.py): its relays, as JSON.
+if os.environ.get("BENCHMARK_RELAYS"):
+    import json
+
+    OUTBOX["RELAYS"] = json.loads(os.environ["BENCHMARK_RELAYS"])

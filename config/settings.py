@@ -192,6 +192,32 @@ OUTBOX: dict[str, Any] = {
 }
 OUTBOX["LISTEN"] = env_bool("OUTBOX_LISTEN", default=True)
 
+# Relays (outbox.relays): each event of the types listed is also published to
+# a broker, as a delivery of its own, completed once the broker acknowledged
+# it. Off unless the broker's address is set.
+_RELAYS: dict[str, Any] = {}
+if os.environ.get("OUTBOX_RELAY_NATS_SERVERS", "").strip():
+    _RELAYS["bus"] = {
+        "BACKEND": "outbox.relays.NatsRelay",
+        "EVENT_TYPES": env_list("OUTBOX_RELAY_NATS_EVENT_TYPES", default=["*"]),
+        "OPTIONS": {
+            "servers": env_list("OUTBOX_RELAY_NATS_SERVERS", default=[]),
+            "subject": env_str("OUTBOX_RELAY_NATS_SUBJECT", "events.{event_type}"),
+        },
+    }
+if os.environ.get("OUTBOX_RELAY_AMQP_URL", "").strip():
+    _RELAYS["amqp"] = {
+        "BACKEND": "outbox.relays.RabbitMQRelay",
+        "EVENT_TYPES": env_list("OUTBOX_RELAY_AMQP_EVENT_TYPES", default=["*"]),
+        "OPTIONS": {
+            "url": env_str("OUTBOX_RELAY_AMQP_URL", ""),
+            "exchange": env_str("OUTBOX_RELAY_AMQP_EXCHANGE", "events"),
+            "routing_key": env_str("OUTBOX_RELAY_AMQP_ROUTING_KEY", "{event_type}"),
+        },
+    }
+if _RELAYS:
+    OUTBOX["RELAYS"] = _RELAYS
+
 # django.tasks on the outbox (outbox.tasks): task.enqueue() commits or rolls
 # back with the caller's transaction, and run_outbox_worker runs the tasks.
 TASKS = {

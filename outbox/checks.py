@@ -1,3 +1,4 @@
+import fnmatch
 from typing import Any
 
 from django.conf import settings
@@ -22,6 +23,53 @@ def check_outbox_settings(**kwargs: Any) -> list[CheckMessage]:
     if not errors:
         errors += _concurrency_errors()
         errors += _metrics_errors()
+        errors += _relay_errors()
+    return errors
+
+
+def _relay_errors() -> list[CheckMessage]:
+    """Each relay's backend must be a Relay, with options it accepts."""
+    from django.utils.module_loading import import_string
+
+    from outbox import registry
+    from outbox.relays.base import Relay
+
+    errors: list[CheckMessage] = []
+    for alias, config in get_settings().relays.items():
+        name = f"settings.OUTBOX['RELAYS'][{alias!r}]"
+        try:
+            backend = import_string(config["BACKEND"])
+        except ImportError as error:
+            errors.append(
+                Error(
+                    f"{name}['BACKEND'] {config['BACKEND']!r} cannot be imported: "
+                    f"{error}.",
+                    id="outbox.E005",
+                )
+            )
+            continue
+        if not (isinstance(backend, type) and issubclass(backend, Relay)):
+            errors.append(
+                Error(
+                    f"{name}['BACKEND'] {config['BACKEND']!r} is not a relay "
+                    "(a subclass of outbox.relays.Relay).",
+                    id="outbox.E005",
+                )
+            )
+            continue
+        errors += [
+            Error(f"{name}: {problem}", id="outbox.E006")
+            for problem in backend.problems(config.get("OPTIONS") or {})
+        ]
+        errors += [
+            Error(
+                f"{name}: the alias {alias!r} is also the name of a handler of "
+                f"{event_type!r}; a subscriber's name is unique per event type.",
+                id="outbox.E007",
+            )
+            for event_type in registry.event_types_subscribed_by(alias)
+            if any(fnmatch.fnmatchcase(event_type, p) for p in config["EVENT_TYPES"])
+        ]
     return errors
 
 

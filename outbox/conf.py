@@ -7,7 +7,7 @@ is reported by the system checks (checks.py) rather than by an import error.
 import functools
 import os
 import socket
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from django.conf import settings
@@ -64,6 +64,8 @@ class OutboxSettings:
     metrics_port: int | None = None
     #: The bearer token outbox.metrics.metrics_view asks for; "": view off.
     metrics_token: str = ""
+    #: Broker relays by alias: {"BACKEND", "EVENT_TYPES", "OPTIONS"} (outbox.relays).
+    relays: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def default_worker_id(self) -> str:
@@ -103,7 +105,53 @@ def problems(raw: dict[str, Any]) -> list[str]:
         )
     if "LISTEN" in raw and not isinstance(raw["LISTEN"], bool):
         messages.append("settings.OUTBOX['LISTEN'] must be True or False.")
+    if "RELAYS" in raw:
+        messages += relay_problems(raw["RELAYS"])
     return messages
+
+
+#: What a relay's settings hold.
+RELAY_KEYS = frozenset({"BACKEND", "EVENT_TYPES", "OPTIONS"})
+
+
+def relay_problems(relays: object) -> list[str]:
+    """The shape of settings.OUTBOX["RELAYS"]; checks.py checks each backend."""
+    from outbox.registry import SUBSCRIBER_NAME
+
+    if not isinstance(relays, dict):
+        return ["settings.OUTBOX['RELAYS'] must be a dict of relays by alias."]
+    found = []
+    for alias, config in relays.items():
+        name = f"settings.OUTBOX['RELAYS'][{alias!r}]"
+        if not isinstance(alias, str) or not SUBSCRIBER_NAME.fullmatch(alias):
+            found.append(
+                f"{name}: an alias is 1 to 100 letters, digits and . _ : - (it names "
+                "the relay's deliveries)."
+            )
+        if not isinstance(config, dict):
+            found.append(f"{name} must be a dict with BACKEND and EVENT_TYPES.")
+            continue
+        for unknown in sorted(set(config) - RELAY_KEYS, key=str):
+            found.append(
+                f"{name}[{unknown!r}] is not a relay setting: expected BACKEND, "
+                "EVENT_TYPES or OPTIONS."
+            )
+        backend = config.get("BACKEND")
+        if not isinstance(backend, str) or not backend:
+            found.append(f"{name}['BACKEND'] must name a relay class, got {backend!r}.")
+        types = config.get("EVENT_TYPES")
+        if (
+            not isinstance(types, list | tuple)
+            or not types
+            or not all(isinstance(pattern, str) and pattern for pattern in types)
+        ):
+            found.append(
+                f"{name}['EVENT_TYPES'] must list the event types it relays (patterns "
+                f"such as 'user.*' or '*'), got {types!r}."
+            )
+        if not isinstance(config.get("OPTIONS", {}), dict):
+            found.append(f"{name}['OPTIONS'] must be a dict.")
+    return found
 
 
 def check_worker_id(value: object, *, name: str) -> str:

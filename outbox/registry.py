@@ -15,10 +15,12 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from asgiref.sync import async_to_sync
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils.module_loading import autodiscover_modules
 
 if TYPE_CHECKING:
@@ -124,11 +126,34 @@ def _twice(existing: Handler, new: Handler) -> str:
 
 
 def get_handler(event_type: str, subscriber: str = "") -> Handler | None:
-    """Return the handler of event_type's subscriber (the unnamed one by default)."""
+    """Return the handler of event_type's subscriber (the unnamed one by default).
+
+    A subscriber may be a relay (outbox.relays): its handler publishes the
+    event to the relay's broker.
+    """
     found = _handlers.get(event_type, {}).get(subscriber)
     if found is None and event_type.startswith(TASK_EVENT_PREFIX) and not subscriber:
         return _task_handler(event_type)
+    if found is None and subscriber:
+        return _relay_handler(event_type, subscriber)
     return found
+
+
+@functools.lru_cache(maxsize=4096)
+def _relay_handler(event_type: str, alias: str) -> Handler | None:
+    from outbox import relays
+
+    if alias not in relays.relaying(event_type):
+        return None
+    relay = relays.relay(alias)
+    return None if relay is None else Handler(event_type, relay.deliver, None, alias)
+
+
+def event_types_subscribed_by(name: str) -> list[str]:
+    """Return the event types a handler named name subscribes to."""
+    return sorted(
+        event_type for event_type, named in _handlers.items() if name in named
+    )
 
 
 def subscribers(event_type: str) -> tuple[str, ...]:
@@ -142,7 +167,17 @@ def subscribers(event_type: str) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=4096)
 def _subscribers(event_type: str) -> tuple[str, ...]:
-    return tuple(sorted(_handlers.get(event_type, {}))) or UNSUBSCRIBED
+    from outbox import relays
+
+    names = {*_handlers.get(event_type, {}), *relays.relaying(event_type)}
+    return tuple(sorted(names)) or UNSUBSCRIBED
+
+
+@receiver(setting_changed)
+def _forget_relay_subscribers(*, setting: str, **kwargs: Any) -> None:
+    if setting == "OUTBOX":
+        _subscribers.cache_clear()
+        _relay_handler.cache_clear()
 
 
 @functools.cache

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from django.db import DatabaseError, connections
 
+from outbox import relays
 from outbox.handling import Outcome, Run
 from outbox.leases import Leases
 from outbox.models import OutboxEvent
@@ -87,7 +88,8 @@ class InlineSlots:
         """Nothing is queued: start() runs or releases every event it gets."""
 
     def close(self) -> None:
-        """Nothing to stop: the caller's thread ran everything."""
+        """Close the broker connections the caller's thread opened (relays)."""
+        relays.close_connections()
 
 
 class ThreadedSlots:
@@ -182,6 +184,7 @@ class ThreadedSlots:
                 self._finished.put(self._run(event))
                 self._on_finish()
         finally:
+            relays.close_connections()
             connections.close_all()
 
     def _run(self, event: OutboxEvent) -> Run:

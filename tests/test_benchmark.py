@@ -32,6 +32,8 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "drain-1-metrics",
         "drain-1-traced",
         "fanout",
+        "relay-jetstream",
+        "relay-rabbitmq",
         "drain-4",
         "latency",
         "latency-metrics",
@@ -54,5 +56,5 @@ def test_benchmark__quick_run_measures_every_workload(tmp_path) -> None:
         "backlog-1m-c16",
     }
     assert all(len(runs) == 1 for runs in report["runs"].values())
-    assert len(report["targets"]) == 24
+    assert len(report["targets"]) == 26
     assert "drain-1 >= 60 % of the ceiling" in result.stdout

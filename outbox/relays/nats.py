@@ -1,0 +1,158 @@
+"""NatsRelay: publish events to NATS JetStream, completed once a stream has them.
+
+OPTIONS:
+- servers: "nats://host:4222", or a list of such URLs;
+- subject: a template naming {event_type} (and {key}), e.g. "events.{event_type}";
+- ack_timeout: seconds to wait for the stream's PubAck (default 5);
+- connect_timeout: seconds to connect (default 2).
+
+Each message carries the Outbox-* headers and Nats-Msg-Id, the event's
+UUID: JetStream keeps one message per id within the stream's duplicate
+window (two minutes by default), so a delivery that a crash made the outbox
+publish twice is stored once. Needs nats-py (the "nats" extra).
+"""
+
+import asyncio
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from outbox.errors import PermanentFailure
+from outbox.relays.base import Message, Relay, RelayRefused, template_problems
+
+try:
+    import nats
+    import nats.errors
+    import nats.js.errors
+except ImportError:  # pragma: no cover - the extra is installed in dev
+    nats = None  # type: ignore[assignment]
+
+#: A subject NATS accepts: dot-separated tokens, no spaces, no wildcards.
+SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
+
+
+@dataclass
+class _Connection:
+    loop: asyncio.AbstractEventLoop
+    client: Any
+    stream: Any
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    if nats is None:  # pragma: no cover
+        return (OSError,)
+    return (
+        OSError,
+        asyncio.TimeoutError,
+        nats.errors.ConnectionClosedError,
+        nats.errors.NoServersError,
+        nats.errors.StaleConnectionError,
+        nats.errors.TimeoutError,
+        nats.errors.UnexpectedEOF,
+    )
+
+
+class NatsRelay(Relay):
+    connection_errors: ClassVar[tuple[type[BaseException], ...]] = _connection_errors()
+
+    @classmethod
+    def problems(cls, options: Mapping[str, Any]) -> list[str]:
+        found = []
+        if nats is None:
+            found.append("needs nats-py: install the 'nats' extra.")
+        servers = options.get("servers")
+        urls = [servers] if isinstance(servers, str) else servers
+        if not isinstance(urls, list) or not urls:
+            found.append(
+                f"OPTIONS['servers'] must be a nats:// URL or a list, got {servers!r}."
+            )
+        else:
+            for url in urls:
+                if not _is_url(url, ("nats", "tls")):
+                    found.append(f"OPTIONS['servers'] has {url!r}, not a nats:// URL.")
+        found += template_problems("OPTIONS['subject']", options.get("subject"))
+        for name in ("ack_timeout", "connect_timeout"):
+            value = options.get(name, 1)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or value <= 0
+            ):
+                found.append(f"OPTIONS[{name!r}] must be a positive number of seconds.")
+        return found
+
+    def open(self) -> _Connection:
+        assert nats is not None  # noqa: S101 - the checks refuse the relay without it
+        servers = self.options["servers"]
+        loop = asyncio.new_event_loop()
+        try:
+            client = loop.run_until_complete(
+                nats.connect(
+                    servers=[servers] if isinstance(servers, str) else servers,
+                    name=f"outbox-relay-{self.alias}",
+                    connect_timeout=self.options.get("connect_timeout", 2),
+                    # A lost connection is replaced by the relay, not
+                    # reconnected behind a publish waiting for its ack.
+                    allow_reconnect=False,
+                    # Each server tried once (0 would mean: for ever).
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
+                    error_cb=_ignore,
+                    disconnected_cb=_ignore_event,
+                    closed_cb=_ignore_event,
+                )
+            )
+        except BaseException:
+            loop.close()
+            raise
+        return _Connection(loop, client, client.jetstream())
+
+    def send(self, connection: Any, message: Message) -> None:
+        subject = message.fill(self.options["subject"])
+        if not SUBJECT.fullmatch(subject):
+            raise PermanentFailure(
+                f"NATS cannot take subject {subject!r}: a subject is dot-separated "
+                "tokens without spaces or wildcards"
+            )
+        headers = {**message.headers, "Nats-Msg-Id": message.event_id}
+        try:
+            connection.loop.run_until_complete(
+                connection.stream.publish(
+                    subject,
+                    message.body,
+                    timeout=self.options.get("ack_timeout", 5),
+                    headers=headers,
+                )
+            )
+        except nats.js.errors.NoStreamResponseError:
+            raise RelayRefused(
+                f"no JetStream stream takes subject {subject!r}"
+            ) from None
+        except nats.js.errors.APIError as error:
+            raise RelayRefused(
+                f"JetStream refused subject {subject!r}: {error.description or error}"
+            ) from None
+
+    def close(self, connection: Any) -> None:
+        try:
+            if not connection.client.is_closed:
+                connection.loop.run_until_complete(connection.client.close())
+        finally:
+            connection.loop.close()
+
+
+def _is_url(value: object, schemes: tuple[str, ...]) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in schemes and bool(parts.hostname)
+
+
+async def _ignore(error: Exception) -> None:
+    """The client's own error reports: the relay sees them as send() errors."""
+
+
+async def _ignore_event() -> None:
+    """Disconnects and closes: the relay replaces the connection itself."""
