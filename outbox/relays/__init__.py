@@ -19,6 +19,7 @@ completed only once the broker acknowledged the message.
 """
 
 import fnmatch
+import threading
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -43,19 +44,24 @@ __all__ = [
 
 
 _configured: dict[str, tuple[Relay, tuple[str, ...]]] | None = None
+_building = threading.Lock()
 
 
 def configured() -> dict[str, tuple[Relay, tuple[str, ...]]]:
-    """The configured relays by alias, each with its event type patterns.
+    """The relays this process can run, by alias, each with its patterns.
 
-    Built on first use. A relay whose settings the system checks refuse (an
-    unknown backend, bad options) is left out here: manage.py check and the
-    worker's start report it, naming it.
+    Built on first use, once (slot threads may ask together). A relay whose
+    settings the system checks refuse (an unknown backend, bad options, its
+    client library missing) is left out here: the worker's start reports it,
+    naming it, and a delivery of it that reaches a worker anyway fails
+    visibly ("no handler named ..."). Who subscribes is decided by
+    relaying(), from the settings alone.
     """
     global _configured  # one set per process, until the settings change
-    if _configured is None:
-        _configured = _build()
-    return _configured
+    with _building:
+        if _configured is None:
+            _configured = _build()
+        return _configured
 
 
 def _build() -> dict[str, tuple[Relay, tuple[str, ...]]]:
@@ -81,16 +87,24 @@ def _build() -> dict[str, tuple[Relay, tuple[str, ...]]]:
 
 
 def relaying(event_type: str) -> list[str]:
-    """Return the aliases of the relays whose patterns match event_type."""
+    """Return the aliases of the relays whose patterns match event_type.
+
+    From the settings alone, not from the relays this process could build: a
+    web process without a broker's client library (or with options only the
+    worker's checks refuse) still writes the relay's deliveries, which a
+    worker that can run them relays, and one that cannot fails visibly. A
+    relay's subscriptions never depend on what is installed where.
+    """
+    from outbox.conf import get_settings
     from outbox.registry import TASK_EVENT_PREFIX
 
     if event_type.startswith(TASK_EVENT_PREFIX):
         return []
-    return [
+    return sorted(
         alias
-        for alias, (_, patterns) in configured().items()
-        if any(fnmatch.fnmatchcase(event_type, pattern) for pattern in patterns)
-    ]
+        for alias, config in get_settings().relays.items()
+        if any(fnmatch.fnmatchcase(event_type, p) for p in config["EVENT_TYPES"])
+    )
 
 
 def relay(alias: str) -> Relay | None:
@@ -107,7 +121,8 @@ def close_connections() -> None:
 @receiver(setting_changed)
 def _forget_relays(*, setting: str, **kwargs: Any) -> None:
     global _configured
-    if setting == "OUTBOX" and _configured is not None:
-        for found, _ in _configured.values():
+    if setting == "OUTBOX":
+        with _building:
+            old, _configured = _configured, None
+        for found, _ in (old or {}).values():
             found.close_thread()
-        _configured = None

@@ -46,6 +46,8 @@ class Message:
     key: str
     body: bytes
     headers: dict[str, str]
+    #: The delivery's attempt, 1 for its first.
+    attempt: int = 1
 
     @classmethod
     def of(cls, event: "OutboxEvent") -> "Message":
@@ -72,6 +74,7 @@ class Message:
             key=event.key,
             body=body.encode(),
             headers=headers,
+            attempt=event.attempts,
         )
 
     def fill(self, template: str) -> str:

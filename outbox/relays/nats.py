@@ -13,6 +13,7 @@ publish twice is stored once. Needs nats-py (the "nats" extra).
 """
 
 import asyncio
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ try:
     import nats.js.errors
 except ImportError:  # pragma: no cover - the extra is installed in dev
     nats = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
 
 #: A subject NATS accepts: dot-separated tokens, no spaces, no wildcards.
 SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
@@ -66,12 +69,15 @@ class NatsRelay(Relay):
         urls = [servers] if isinstance(servers, str) else servers
         if not isinstance(urls, list) or not urls:
             found.append(
-                f"OPTIONS['servers'] must be a nats:// URL or a list, got {servers!r}."
+                "OPTIONS['servers'] must be a nats:// URL or a list of them, got "
+                f"{type(servers).__name__}."
             )
         else:
             for url in urls:
                 if not _is_url(url, ("nats", "tls")):
-                    found.append(f"OPTIONS['servers'] has {url!r}, not a nats:// URL.")
+                    found.append(
+                        f"OPTIONS['servers'] has {shown_url(url)}, not a nats:// URL."
+                    )
         found += template_problems("OPTIONS['subject']", options.get("subject"))
         for name in ("ack_timeout", "connect_timeout"):
             value = options.get(name, 1)
@@ -117,8 +123,14 @@ class NatsRelay(Relay):
                 "tokens without spaces or wildcards"
             )
         headers = {**message.headers, "Nats-Msg-Id": message.event_id}
+        size = len(message.body) + sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if size > connection.client.max_payload:
+            raise PermanentFailure(
+                f"the message for subject {subject!r} is {size} bytes; the NATS "
+                f"server takes at most {connection.client.max_payload}"
+            )
         try:
-            connection.loop.run_until_complete(
+            ack = connection.loop.run_until_complete(
                 connection.stream.publish(
                     subject,
                     message.body,
@@ -134,6 +146,20 @@ class NatsRelay(Relay):
             raise RelayRefused(
                 f"JetStream refused subject {subject!r}: {error.description or error}"
             ) from None
+        if ack.duplicate and message.attempt == 1:
+            # A repeat is expected after a crash (a later attempt); on a first
+            # attempt, something else published this id into the stream: two
+            # relays writing to one stream, most likely. The stream has the
+            # event; a consumer of only this subject may not see it.
+            logger.warning(
+                "outbox relay %s: JetStream stored event %s already (a duplicate "
+                "Nats-Msg-Id on a first attempt): does another relay publish into "
+                "stream %s?",
+                self.alias,
+                message.event_id,
+                ack.stream,
+                extra={"relay": self.alias, "event_uuid": message.event_id},
+            )
 
     def close(self, connection: Any) -> None:
         try:
@@ -141,6 +167,16 @@ class NatsRelay(Relay):
                 connection.loop.run_until_complete(connection.client.close())
         finally:
             connection.loop.close()
+
+
+def shown_url(value: object) -> str:
+    """A URL as a check may print it: without its user and password."""
+    if not isinstance(value, str):
+        return type(value).__name__
+    parts = urlsplit(value)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return repr(f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else "…")
 
 
 def _is_url(value: object, schemes: tuple[str, ...]) -> bool:

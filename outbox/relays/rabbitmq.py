@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from outbox.errors import PermanentFailure
 from outbox.relays.base import Message, Relay, RelayRefused, template_problems
-from outbox.relays.nats import _is_url
+from outbox.relays.nats import _is_url, shown_url
 
 try:
     import pika
@@ -53,16 +54,35 @@ class RabbitMQRelay(Relay):
             found.append("needs pika: install the 'rabbitmq' extra.")
         url = options.get("url")
         if not _is_url(url, ("amqp", "amqps")):
-            found.append(f"OPTIONS['url'] must be an amqp:// URL, got {url!r}.")
+            found.append(
+                f"OPTIONS['url'] must be an amqp:// URL, got {shown_url(url)}."
+            )
         exchange = options.get("exchange")
         if not isinstance(exchange, str):
             found.append(f"OPTIONS['exchange'] must be a string, got {exchange!r}.")
         found += template_problems("OPTIONS['routing_key']", options.get("routing_key"))
+        timeout = options.get("blocked_timeout", 30)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or timeout <= 0
+        ):
+            found.append(
+                "OPTIONS['blocked_timeout'] must be a positive number of seconds."
+            )
         return found
 
     def open(self) -> _Connection:
         assert pika is not None  # noqa: S101 - the checks refuse the relay without it
-        connection = pika.BlockingConnection(pika.URLParameters(self.options["url"]))
+        parameters = pika.URLParameters(self.options["url"])
+        if parameters.blocked_connection_timeout is None:
+            # A broker under a resource alarm blocks publishers: give up
+            # after this long, and the delivery is retried, rather than hold
+            # the slot (and, by the heartbeat, its lease) for ever.
+            parameters.blocked_connection_timeout = self.options.get(
+                "blocked_timeout", 30
+            )
+        connection = pika.BlockingConnection(parameters)
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -94,6 +114,11 @@ class RabbitMQRelay(Relay):
             raise RelayRefused(
                 f"RabbitMQ refused (nacked) routing key {routing_key!r} on exchange "
                 f"{exchange!r}"
+            ) from None
+        except pika.exceptions.ShortStringTooLong:
+            raise PermanentFailure(
+                f"AMQP cannot carry event type or routing key {routing_key[:60]!r}…: "
+                "each is at most 255 bytes"
             ) from None
         except pika.exceptions.ChannelClosedByBroker as error:
             self._drop()  # the channel is gone; the connection with it

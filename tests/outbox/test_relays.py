@@ -520,3 +520,86 @@ def test_rabbitmq__a_connection_lost_to_a_broker_restart_is_replaced(
             1,
             2,
         ]
+
+
+# -- what the review found ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "relay",
+    [
+        {
+            "BACKEND": "outbox.relays.NatsRelay",
+            "EVENT_TYPES": ["*"],
+            "OPTIONS": {"servers": "https://user:S3cretPass@mq:4222", "subject": "e"},
+        },
+        {
+            "BACKEND": "outbox.relays.RabbitMQRelay",
+            "EVENT_TYPES": ["*"],
+            "OPTIONS": {
+                "url": "https://user:S3cretPass@mq:5672/",
+                "exchange": "e",
+                "routing_key": "k",
+            },
+        },
+    ],
+)
+def test_checks__never_print_a_brokers_password(relay) -> None:
+    with (
+        override_settings(OUTBOX={"RELAYS": {"bus": relay}}),
+        pytest.raises(SystemCheckError) as raised,
+    ):
+        call_command("check")
+
+    assert "'https://mq:" in str(raised.value)
+    assert "S3cretPass" not in str(raised.value)
+
+
+def test_a_relay_this_process_cannot_run__still_gets_its_deliveries(stream) -> None:
+    """A web process without the relay's library, or with options only the
+    worker refuses, still writes the relay's rows: the worker relays them,
+    or fails them where an operator sees it; none is silently missing."""
+    broken = nats_relay(stream, ack_timeout="5")
+    with relays(bus=broken):
+        event = publish("user.invited", {"invitation_id": 1}, max_attempts=1)
+        drain()
+
+    delivery = OutboxEvent.objects.get(uuid=event.uuid, subscriber="bus")
+    assert delivery.status == Status.FAILED
+    assert "no handler named 'bus' registered for 'user.invited'" in delivery.last_error
+
+
+def test_nats__a_message_over_the_servers_limit_fails_at_once_naming_it(
+    stream,
+) -> None:
+    with relays(bus=nats_relay(stream)):
+        event = publish("user.invited", {"blob": "x" * 1_048_500})
+        drain()
+
+    delivery = OutboxEvent.objects.get(uuid=event.uuid, subscriber="bus")
+    assert (delivery.status, delivery.attempts) == (Status.FAILED, 1)
+    assert "the NATS server takes at most 1048576" in delivery.last_error
+
+
+def test_rabbitmq__a_routing_key_amqp_cannot_carry_fails_at_once(exchange) -> None:
+    with relays(amqp=amqp_relay(exchange, routing_key="{key}")):
+        event = publish("project.created", {}, key="é" * 150)  # 300 bytes
+        drain()
+
+    delivery = OutboxEvent.objects.get(uuid=event.uuid, subscriber="amqp")
+    assert (delivery.status, delivery.attempts) == (Status.FAILED, 1)
+    assert "at most 255 bytes" in delivery.last_error
+
+
+def test_nats__two_relays_into_one_stream_are_told(stream, caplog) -> None:
+    first, second = nats_relay(stream), nats_relay(stream)
+    first["OPTIONS"]["subject"] = f"{stream.prefix}.a.{{event_type}}"
+    second["OPTIONS"]["subject"] = f"{stream.prefix}.b.{{event_type}}"
+    with relays(bus=first, audit=second):
+        publish("user.invited", {"invitation_id": 1})
+        drain()
+
+    assert len(stream.messages()) == 1  # JetStream kept one per Nats-Msg-Id
+    assert any(
+        "does another relay publish into stream" in r.message for r in caplog.records
+    )
