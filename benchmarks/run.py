@@ -91,14 +91,14 @@ def run(database_url: str, options: argparse.Namespace) -> dict[str, Any]:
         ("drain-1", lambda: w.drain(drain_events, batch, 1)),
         ("drain-1-metrics", lambda: w.drain(drain_events, batch, 1, metrics=True)),
         ("drain-1-traced", lambda: w.drain(drain_events, batch, 1, traced=True)),
-        ("fanout", lambda: w.fanout(500 if quick else 2_000, batch)),
+        ("fanout", lambda: w.fanout(200 if quick else 2_000, batch)),
         (
             "relay-jetstream",
-            lambda: relays.relay(1_000 if quick else 10_000, "jetstream"),
+            lambda: relays.relay(400 if quick else 10_000, "jetstream"),
         ),
         (
             "relay-rabbitmq",
-            lambda: relays.relay(1_000 if quick else 10_000, "rabbitmq"),
+            lambda: relays.relay(400 if quick else 10_000, "rabbitmq"),
         ),
         ("drain-4", lambda: w.drain(drain_events, batch, 4)),
         ("latency", lambda: w.latency(50 if quick else 1_000, database_url)),
