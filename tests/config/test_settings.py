@@ -4,6 +4,7 @@ Settings are read once per process, so each case imports them in a fresh
 interpreter with its own environment.
 """
 
+import json
 import os
 import secrets
 import subprocess
@@ -256,3 +257,45 @@ def test_database_error__hides_the_password() -> None:
 
     assert "hunter2" not in str(raised.value)
     assert "app:***@db:5432" in str(raised.value)
+
+
+def test_relays__come_from_the_environment_and_pass_the_checks() -> None:
+    relays = run_python(
+        "import json, config.settings as s; print(json.dumps(s.OUTBOX.get('RELAYS')))",
+        DJANGO_DEBUG="1",
+        OUTBOX_RELAY_NATS_SERVERS="nats://127.0.0.1:4222,nats://127.0.0.1:4223",
+        OUTBOX_RELAY_NATS_EVENT_TYPES="user.*, project.created",
+        OUTBOX_RELAY_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2F",
+    )
+    checked = manage(
+        "check",
+        DJANGO_DEBUG="1",
+        OUTBOX_RELAY_NATS_SERVERS="nats://127.0.0.1:4222",
+        OUTBOX_RELAY_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2F",
+    )
+    off = run_python(
+        "import config.settings as s; print('RELAYS' in s.OUTBOX)", DJANGO_DEBUG="1"
+    )
+
+    assert relays.returncode == 0, relays.stderr
+    assert json.loads(relays.stdout) == {
+        "bus": {
+            "BACKEND": "outbox.relays.NatsRelay",
+            "EVENT_TYPES": ["user.*", "project.created"],
+            "OPTIONS": {
+                "servers": ["nats://127.0.0.1:4222", "nats://127.0.0.1:4223"],
+                "subject": "events.{event_type}",
+            },
+        },
+        "amqp": {
+            "BACKEND": "outbox.relays.RabbitMQRelay",
+            "EVENT_TYPES": ["*"],
+            "OPTIONS": {
+                "url": "amqp://guest:guest@127.0.0.1:5672/%2F",
+                "exchange": "events",
+                "routing_key": "{event_type}",
+            },
+        },
+    }
+    assert checked.returncode == 0, checked.stderr
+    assert off.stdout.strip() == "False"
