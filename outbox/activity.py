@@ -59,12 +59,12 @@ class ActivityCounter:
         return counts
 
 
-def count_ready(using: str) -> int:
-    """Count the ready events, up to READY_CAP + 1."""
+def count_ready(using: str, *, cap: int = READY_CAP) -> int:
+    """Count the ready events, up to cap + 1 (the chart's and the metrics')."""
     from outbox import statements
 
     with statements.in_index_order(using):
-        return OutboxEvent.objects.using(using).ready()[: READY_CAP + 1].count()
+        return OutboxEvent.objects.using(using).ready()[: cap + 1].count()
 
 
 def ready_counted(using: str) -> bool:

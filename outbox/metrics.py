@@ -204,13 +204,13 @@ class WorkerMetrics:
 
     def read_backlog(self, using: str) -> None:
         """Set the backlog gauges from three index reads (the heartbeat's)."""
-        from outbox import monitoring, statements
+        from outbox import activity, monitoring, statements
         from outbox.models import OutboxEvent, Status
 
         events = OutboxEvent.objects.using(using)
         try:
+            ready = activity.count_ready(using, cap=COUNT_CAP)
             with statements.in_index_order(using):
-                ready = events.ready()[: COUNT_CAP + 1].count()
                 failed_events = events.filter(
                     status=Status.FAILED, discarded_at__isnull=True
                 )

@@ -285,12 +285,8 @@ def held_keys(
     """
     using = using or router.db_for_read(OutboxEvent)
     events = OutboxEvent.objects.using(using)
-    behind = events.filter(
-        key=OuterRef("key"),
-        subscriber=OuterRef("subscriber"),
-        status=Status.PENDING,
-        waiting=True,
-    )
+    waiting = events.filter(status=Status.PENDING, waiting=True)
+    behind = waiting.filter(key=OuterRef("key"), subscriber=OuterRef("subscriber"))
     heads = list(
         events.filter(status=Status.PENDING, waiting=False)
         .exclude(key="")
@@ -313,12 +309,9 @@ def held_keys(
         HeldKey(
             key=head.key,
             head=head,
-            waiting=events.filter(
-                key=head.key,
-                subscriber=head.subscriber,
-                status=Status.PENDING,
-                waiting=True,
-            )[: HELD_COUNT_CAP + 1].count(),
+            waiting=waiting.filter(key=head.key, subscriber=head.subscriber)[
+                : HELD_COUNT_CAP + 1
+            ].count(),
         )
         for head in heads
     ]

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit
 
 from django.core.serializers.json import DjangoJSONEncoder
 
@@ -184,3 +185,20 @@ def template_problems(name: str, template: object) -> list[str]:
             "may name only {event_type} and {key}."
         ]
     return []
+
+
+def shown_url(value: object) -> str:
+    """A URL as a check may print it: without its user and password."""
+    if not isinstance(value, str):
+        return type(value).__name__
+    parts = urlsplit(value)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return repr(f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else "…")
+
+
+def is_url(value: object, schemes: tuple[str, ...]) -> bool:
+    if not isinstance(value, str):
+        return False
+    parts = urlsplit(value)
+    return parts.scheme in schemes and bool(parts.hostname)

@@ -18,10 +18,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
-from urllib.parse import urlsplit
 
 from outbox.errors import PermanentFailure
-from outbox.relays.base import Message, Relay, RelayRefused, template_problems
+from outbox.relays.base import (
+    Message,
+    Relay,
+    RelayRefused,
+    is_url,
+    shown_url,
+    template_problems,
+)
 
 try:
     import nats
@@ -74,7 +80,7 @@ class NatsRelay(Relay):
             )
         else:
             for url in urls:
-                if not _is_url(url, ("nats", "tls")):
+                if not is_url(url, ("nats", "tls")):
                     found.append(
                         f"OPTIONS['servers'] has {shown_url(url)}, not a nats:// URL."
                     )
@@ -167,23 +173,6 @@ class NatsRelay(Relay):
                 connection.loop.run_until_complete(connection.client.close())
         finally:
             connection.loop.close()
-
-
-def shown_url(value: object) -> str:
-    """A URL as a check may print it: without its user and password."""
-    if not isinstance(value, str):
-        return type(value).__name__
-    parts = urlsplit(value)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return repr(f"{parts.scheme}://{host}{port}{parts.path}" if parts.scheme else "…")
-
-
-def _is_url(value: object, schemes: tuple[str, ...]) -> bool:
-    if not isinstance(value, str):
-        return False
-    parts = urlsplit(value)
-    return parts.scheme in schemes and bool(parts.hostname)
 
 
 async def _ignore(error: Exception) -> None:

@@ -18,8 +18,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from outbox.errors import PermanentFailure
-from outbox.relays.base import Message, Relay, RelayRefused, template_problems
-from outbox.relays.nats import _is_url, shown_url
+from outbox.relays.base import (
+    Message,
+    Relay,
+    RelayRefused,
+    is_url,
+    shown_url,
+    template_problems,
+)
 
 try:
     import pika
@@ -53,7 +59,7 @@ class RabbitMQRelay(Relay):
         if pika is None:
             found.append("needs pika: install the 'rabbitmq' extra.")
         url = options.get("url")
-        if not _is_url(url, ("amqp", "amqps")):
+        if not is_url(url, ("amqp", "amqps")):
             found.append(
                 f"OPTIONS['url'] must be an amqp:// URL, got {shown_url(url)}."
             )

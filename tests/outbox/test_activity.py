@@ -12,10 +12,14 @@ from django.utils import timezone
 from outbox import activity, publish
 from outbox.activity import Minute
 from outbox.charts import activity_chart
-from outbox.models import OutboxActivity, OutboxEvent, Status
+from outbox.models import OutboxActivity, OutboxEvent
 from outbox.runner import Heartbeat
 from outbox.worker import Worker
-from tests.outbox.worker_process import WorkerProcess, wait_until
+from tests.outbox.worker_process import (
+    WorkerProcess,
+    nothing_unfinished,
+    wait_until,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -203,14 +207,7 @@ def test_worker_process__records_what_it_did_in_the_minutes_rows(workers) -> Non
     for number in range(25):
         publish("outbox_testapp.record", {"n": number})
     publish("nobody.handles.this", {}, max_attempts=1)
-    wait_until(
-        lambda: (
-            not OutboxEvent.objects.filter(
-                status__in=[Status.PENDING, Status.PROCESSING]
-            ).exists()
-        ),
-        context=lambda: worker.output,
-    )
+    wait_until(nothing_unfinished, context=lambda: worker.output)
 
     assert worker.stop() == 0  # its last counts are written as it stops
 

@@ -13,7 +13,11 @@ from outbox.checks import check_outbox_settings
 from outbox.metrics import OTHER, EventTypeLabels, WorkerMetrics
 from outbox.models import OutboxEvent, Status
 from outbox.worker import Worker
-from tests.outbox.worker_process import WorkerProcess, wait_until
+from tests.outbox.worker_process import (
+    WorkerProcess,
+    nothing_unfinished,
+    wait_until,
+)
 
 
 def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:
@@ -180,14 +184,7 @@ def test_worker_process__serves_counters_that_rise_with_what_it_handled(
         publish("outbox_testapp.record", {"n": number})
     publish("nobody.handles.this", {}, max_attempts=1)
 
-    wait_until(
-        lambda: (
-            not OutboxEvent.objects.filter(
-                status__in=[Status.PENDING, Status.PROCESSING]
-            ).exists()
-        ),
-        context=lambda: worker.output,
-    )
+    wait_until(nothing_unfinished, context=lambda: worker.output)
     line = 'outbox_events_total{event_type="outbox_testapp.record",outcome="completed"}'
     wait_until(lambda: f"{line} 25.0" in scrape(port), context=lambda: scrape(port))
     after = scrape(port)

@@ -140,3 +140,10 @@ def wait_until(
             raise AssertionError(f"condition not met within {timeout}s\n{context()}")
         time.sleep(0.005)
     return time.monotonic() - started
+
+
+def nothing_unfinished() -> bool:
+    """Whether every event is done with: none pending or processing."""
+    from outbox.models import UNFINISHED, OutboxEvent
+
+    return not OutboxEvent.objects.filter(status__in=UNFINISHED).exists()
