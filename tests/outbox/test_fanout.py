@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
+from django.db import transaction
 from django.urls import reverse
 
 from outbox import handler, monitoring, publish, publish_many, registry
@@ -16,6 +17,7 @@ from outbox.models import OutboxEvent, Status
 from outbox.operations import retry_events
 from outbox.publishing import NewEvent
 from outbox.testing import drain
+from tests.outbox.sessions import InThread, backend_pid, waiting_for_a_lock
 from tests.outbox.worker_process import WorkerProcess, wait_until
 from tests.outbox_app.models import HandlerRun
 
@@ -331,3 +333,34 @@ def test_outbox_status__counts_deliveries_per_subscriber(calls) -> None:
     lines = text.getvalue().splitlines()
     assert "deliveries by subscriber (pending / processing / failed):" in lines
     assert "  crm-sync   1 / 0 / 1" in lines
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish__a_lost_idempotency_race_with_several_subscribers_writes_nothing(
+    calls,
+) -> None:
+    """The loser's three-row INSERT waits on the winner's uncommitted rows, then
+    returns the winner's event; its transaction goes on."""
+    backend: list[int] = []
+    results: dict[str, object] = {}
+
+    @transaction.atomic
+    def lose() -> None:
+        backend.append(backend_pid())
+        results["loser"] = publish("test.joined", {"n": 2}, idempotency_key="race").uuid
+        results["after"] = publish("test.joined", {"n": 3}).pk
+
+    with transaction.atomic():
+        winner = publish("test.joined", {"n": 1}, idempotency_key="race")
+        results["winner"] = winner.uuid
+        loser = InThread(lose)
+        wait_until(lambda: bool(backend) and waiting_for_a_lock(backend[0]))
+    loser.join()
+
+    assert results["loser"] == results["winner"]
+    assert "after" in results
+    raced = OutboxEvent.objects.filter(idempotency_key="race")
+    subscribers = sorted(raced.values_list("subscriber", flat=True))
+    assert subscribers == ["", "audit", "crm-sync"]
+    assert {row.payload["n"] for row in raced} == {1}
+    assert OutboxEvent.objects.count() == 6
