@@ -15,13 +15,17 @@ hold this (docs/architecture.md, "Order per key"):
 Everything that touches `waiting` goes through this module.
 """
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from django.db import connections, transaction
-from django.db.models import Exists, Min, Q, Subquery
+from django.db.models import Min, Q, Subquery
 
 from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import UNFINISHED, OutboxEvent, Status
+
+if TYPE_CHECKING:
+    from outbox.deliveries import Delivery
 
 #: A key's deliveries to one subscriber: (key, subscriber).
 Lane = tuple[str, str]
@@ -60,39 +64,32 @@ def lock_keys(keys: Collection[str], using: str) -> None:
         )
 
 
-def join_queue(event: OutboxEvent, using: str) -> None:
-    """Lock a new keyed event's key and make it wait behind earlier ones.
+def join_queues(rows: Sequence["Delivery"], using: str) -> None:
+    """Lock the keys of new rows and set waiting on each, in list order.
 
-    publish() calls this just before the INSERT: publishers of the key hold
-    its lock, so the check sees every earlier event of the key that will
-    ever exist, and is evaluated by the INSERT itself.
+    Call just before inserting the rows (outbox.deliveries): publishers of a
+    key hold its lock, so what is checked under it is every earlier event of
+    the key that will ever exist. The first new row of a lane is its head
+    unless the lane has an unfinished event; every later one waits. On
+    PostgreSQL the INSERT itself checks the table, so this costs the lock
+    alone; SQLite, whose writers are serialised, asks here.
     """
-    lock_keys([event.key], using)
-    event.waiting = Exists(
-        OutboxEvent.objects.unfinished_of_lane(event.key, event.subscriber)
-    )
-
-
-def join_queues(events: Iterable[OutboxEvent], using: str) -> None:
-    """Lock the keys of new events and set waiting on each, in list order.
-
-    The first new event of a lane with no unfinished event is its head; every
-    other one waits.
-    """
-    keyed = [event for event in events if event.key]
-    keys = sorted({event.key for event in keyed})
+    keyed = [row for row in rows if row.key]
+    keys = sorted({row.key for row in keyed})
     if not keys:
         return
     lock_keys(keys, using)
-    busy: set[Lane] = set(
-        OutboxEvent.objects.using(using)
-        .filter(key__in=keys, status__in=UNFINISHED)
-        .values_list("key", "subscriber")
-        .distinct()
-    )
-    for event in keyed:
-        lane = lane_of(event)
-        event.waiting = lane in busy
+    busy: set[Lane] = set()
+    if connections[using].vendor != "postgresql":
+        busy.update(
+            OutboxEvent.objects.using(using)
+            .filter(key__in=keys, status__in=UNFINISHED)
+            .values_list("key", "subscriber")
+            .distinct()
+        )
+    for row in keyed:
+        lane = (row.key, row.subscriber)
+        row.waiting = lane in busy
         busy.add(lane)
 
 

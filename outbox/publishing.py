@@ -14,8 +14,9 @@ from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
 
-from outbox import ordering, tracing
+from outbox import deliveries, ordering, tracing
 from outbox.conf import OutboxSettings, check_queue_name, get_settings
+from outbox.deliveries import Delivery
 from outbox.metrics import PublishMetrics, publish_metrics
 from outbox.models import DEFAULT_QUEUE, OutboxEvent
 from outbox.registry import get_handler, subscribers
@@ -45,14 +46,13 @@ class NewEvent:
     max_attempts: int | None = None
     queue: str | None = None
 
-    def build(self) -> list[OutboxEvent]:
-        """Validate the event and return its deliveries as unsaved rows.
+    def build(self) -> list[Delivery]:
+        """Validate the event and return its deliveries, one per subscriber.
 
-        One row per subscriber of the event type (outbox.registry), sharing
-        the event's UUID; the unnamed handler's first. Everything PostgreSQL
-        would refuse is refused here, before the database is touched, with
-        the field and the limit named: an error raised inside the INSERT
-        would doom the caller's transaction.
+        The deliveries share the event's UUID; the unnamed handler's comes
+        first. Everything PostgreSQL would refuse is refused here, before the
+        database is touched, with the field and the limit named: an error
+        raised inside the INSERT would doom the caller's transaction.
         """
         settings = get_settings()
         if not self.event_type:
@@ -66,30 +66,31 @@ class NewEvent:
             _check_max_attempts(self.max_attempts)
         if self.queue is not None:
             check_queue_name(self.queue, name="publish(queue=...)")
-        # Encoded once, for its checks only: JSONField encodes it again to
-        # save, and handing it the text would mean a field of our own.
-        encode_json(
+        if self.payload is None:
+            raise ValueError(
+                "publish(payload=...) is None; an event without data publishes {}."
+            )
+        payload_json = encode_json(
             self.payload,
             name="publish(payload=...)",
             max_bytes=settings.max_payload_bytes,
         )
-        fields = {
-            "uuid": uuid.uuid4(),
-            "event_type": self.event_type,
-            "payload": self.payload,
-            "key": self.key or "",
-            "idempotency_key": self.idempotency_key,
-            "queue_name": self.queue or DEFAULT_QUEUE,
-            "trace_context": tracing.current_context(),
-        }
-        if self.available_at is not None:
-            fields["available_at"] = self.available_at
+        event_uuid = uuid.uuid4()
+        trace_context = tracing.current_context()
         return [
-            OutboxEvent(
-                **fields,
+            Delivery(
+                uuid=event_uuid,
+                event_type=self.event_type,
                 subscriber=subscriber,
+                payload=self.payload,
+                payload_json=payload_json,
+                key=self.key or "",
+                idempotency_key=self.idempotency_key,
+                queue_name=self.queue or DEFAULT_QUEUE,
                 max_attempts=self.max_attempts
                 or _default_max_attempts(self.event_type, subscriber, settings),
+                available_at=self.available_at,
+                trace_context=trace_context,
             )
             for subscriber in subscribers(self.event_type)
         ]
@@ -119,13 +120,13 @@ def publish(
     one, the event is in the queue named "default".
     """
     counted = publish_metrics()
-    deliveries = _build(
+    rows = _build(
         NewEvent(
             event_type, payload, key, idempotency_key, available_at, max_attempts, queue
         ),
         counted,
     )
-    first = deliveries[0]
+    first = rows[0]
     using = router.db_for_write(OutboxEvent)
     # A plain event needs no transaction of its own: in autocommit mode its
     # INSERT is one. A key's lock must cover the insert, so a keyed event
@@ -135,14 +136,11 @@ def publish(
             existing = _existing_events([first.idempotency_key], using)
             if existing:
                 return existing[first.idempotency_key]
-        if first.key and len(deliveries) == 1:
-            ordering.join_queue(first, using)  # the check rides in the INSERT
-        elif first.key:
-            ordering.join_queues(deliveries, using)
-        first = _insert(deliveries, using)[0]
+        ordering.join_queues(rows, using)
+        event = _insert(rows, using)
     if counted is not None:
-        counted.wrote(first.event_type)
-    return first
+        counted.wrote(event.event_type)
+    return event
 
 
 def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
@@ -160,29 +158,35 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
             [rows[0].idempotency_key for rows in built if rows[0].idempotency_key],
             using,
         )
-        fresh: list[list[OutboxEvent]] = []
+        fresh: list[list[Delivery]] = []
+        repeats: set[str] = set()
         for rows in built:
             idempotency_key = rows[0].idempotency_key
             if idempotency_key is None:
                 fresh.append(rows)
-            elif idempotency_key not in stored:
-                stored[idempotency_key] = rows[0]
+            elif idempotency_key not in stored and idempotency_key not in repeats:
+                repeats.add(idempotency_key)
                 fresh.append(rows)
         ordering.join_queues([row for rows in fresh for row in rows], using)
-        _insert_many(fresh, using)
-        for rows in fresh:
-            if rows[0].idempotency_key:
-                stored[rows[0].idempotency_key] = rows[0]
+        written = _insert_many(fresh, using)
     if counted is not None:
         for rows in fresh:
             counted.wrote(rows[0].event_type)
-    return [
-        stored[rows[0].idempotency_key] if rows[0].idempotency_key else rows[0]
-        for rows in built
-    ]
+    published = iter(written)
+    returned = []
+    for rows in built:
+        idempotency_key = rows[0].idempotency_key
+        if idempotency_key is None or idempotency_key not in stored:
+            event = next(published)
+            if idempotency_key is not None:
+                stored[idempotency_key] = event
+        else:
+            event = stored[idempotency_key]
+        returned.append(event)
+    return returned
 
 
-def _build(new: NewEvent, counted: PublishMetrics | None) -> list[OutboxEvent]:
+def _build(new: NewEvent, counted: PublishMetrics | None) -> list[Delivery]:
     """Build the event's deliveries, counting a refusal in the process's metrics."""
     try:
         return new.build()
@@ -199,76 +203,67 @@ def _in_transaction(using: str) -> Any:
     return transaction.atomic(using=using)
 
 
-def _insert(deliveries: list[OutboxEvent], using: str) -> list[OutboxEvent]:
-    """Insert one event's deliveries with one statement; return them.
+def _insert(rows: list[Delivery], using: str) -> OutboxEvent:
+    """Insert one event's deliveries with one statement; return the first.
 
     An event whose idempotency key a concurrent publisher took meanwhile
     returns that publisher's event instead, and writes nothing.
     """
-    if deliveries[0].idempotency_key is None:
-        _write(deliveries, using)
-    else:
-        try:
-            # A savepoint, so losing a race with a concurrent publisher of
-            # the same idempotency key leaves the caller's transaction usable.
-            with transaction.atomic(using=using):
-                _write(deliveries, using)
-        except IntegrityError:
-            existing = _existing_events([deliveries[0].idempotency_key], using)
-            if not existing:
-                raise
-            return [existing[deliveries[0].idempotency_key]]
-    for event in deliveries:
-        if not isinstance(event.waiting, bool):
-            # Django before 6.0 does not return expression values from an INSERT.
-            event.refresh_from_db(fields=["waiting"])
-    return deliveries
+    idempotency_key = rows[0].idempotency_key
+    if idempotency_key is None:
+        return deliveries.insert(rows, using)[0]
+    try:
+        # A savepoint, so losing a race with a concurrent publisher of the
+        # same idempotency key leaves the caller's transaction usable.
+        with transaction.atomic(using=using):
+            return deliveries.insert(rows, using)[0]
+    except IntegrityError:
+        existing = _existing_events([idempotency_key], using)
+        if not existing:
+            raise
+        return existing[idempotency_key]
 
 
-def _write(deliveries: list[OutboxEvent], using: str) -> None:
-    if len(deliveries) == 1:
-        deliveries[0].save(force_insert=True, using=using)
-    else:
-        OutboxEvent.objects.using(using).bulk_create(deliveries)
-
-
-def _insert_many(events: list[list[OutboxEvent]], using: str) -> None:
+def _insert_many(events: list[list[Delivery]], using: str) -> list[OutboxEvent]:
     """Insert the events' deliveries, about INSERT_CHUNK rows per statement.
 
-    An event that lost an idempotency race is replaced, in place, by the
-    winner's.
+    Return each event's first delivery; an event that lost an idempotency
+    race, the winner's.
     """
     guarded = any(rows[0].idempotency_key for rows in events)
+    written: list[OutboxEvent] = []
     for chunk in _chunks(events):
         flat = [row for rows in chunk for row in rows]
-        if not guarded:
-            OutboxEvent.objects.using(using).bulk_create(flat)
-            continue
         try:
-            with transaction.atomic(using=using):
-                OutboxEvent.objects.using(using).bulk_create(flat)
+            with transaction.atomic(using=using) if guarded else nullcontext():
+                saved = iter(deliveries.insert(flat, using))
         except IntegrityError:
             # A concurrent publisher took one of the idempotency keys: publish
             # this chunk event by event, as publish() would, each resolving
             # its own conflict and seeing the ones before it.
             for rows in chunk:
                 for row in rows:
-                    row.pk = None
-                if rows[0].key:
-                    ordering.join_queues(rows, using)
-                rows[:] = _insert(rows, using)
+                    row.waiting = False
+                ordering.join_queues(rows, using)
+                written.append(_insert(rows, using))
+            continue
+        for rows in chunk:
+            written.append(next(saved))
+            for _ in rows[1:]:
+                next(saved)
+    return written
 
 
-def _chunks(events: list[list[OutboxEvent]]) -> Iterable[list[list[OutboxEvent]]]:
+def _chunks(events: list[list[Delivery]]) -> Iterable[list[list[Delivery]]]:
     """Split the events into chunks of about INSERT_CHUNK rows, each whole."""
-    chunk: list[list[OutboxEvent]] = []
-    rows = 0
-    for deliveries in events:
-        if chunk and rows + len(deliveries) > INSERT_CHUNK:
+    chunk: list[list[Delivery]] = []
+    size = 0
+    for rows in events:
+        if chunk and size + len(rows) > INSERT_CHUNK:
             yield chunk
-            chunk, rows = [], 0
-        chunk.append(deliveries)
-        rows += len(deliveries)
+            chunk, size = [], 0
+        chunk.append(rows)
+        size += len(rows)
     if chunk:
         yield chunk
 

@@ -8,7 +8,6 @@ worker's start check here first, so a bad value is a ValueError or TypeError
 at the call that names it, and the caller's transaction stays usable.
 """
 
-import json
 import re
 from typing import Any
 
@@ -43,6 +42,11 @@ def check_text(value: object, *, name: str, limit: int) -> str:
     return value
 
 
+#: json.dumps(cls=DjangoJSONEncoder, allow_nan=False), without making an
+#: encoder per call: its encode() keeps no state between calls.
+_ENCODER = DjangoJSONEncoder(allow_nan=False)
+
+
 def encode_json(payload: Any, *, name: str, max_bytes: int | None) -> str:
     """Return the payload as the JSON text Django will send; raise if unstorable.
 
@@ -51,7 +55,7 @@ def encode_json(payload: Any, *, name: str, max_bytes: int | None) -> str:
     surrogate anywhere (a value or a key, however deep) shows as its escape.
     """
     try:
-        text = json.dumps(payload, cls=DjangoJSONEncoder, allow_nan=False)
+        text = _ENCODER.encode(payload)
     except ValueError as error:
         if "Out of range float" not in str(error):
             raise
