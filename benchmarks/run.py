@@ -188,7 +188,7 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
     p99 = best(runs, "latency", by="p99_ms")["notes"]["p99_ms"]
     publish_one = min(run[0]["notes"]["time_vs_bare"] for run in runs["publish"])
     publish_tx = min(run[1]["notes"]["time_vs_bare"] for run in runs["publish"])
-    publish_many = max(run[2]["rate"] for run in runs["publish"])
+    publish_many = max(run[2]["notes"]["share_of_raw"] for run in runs["publish"])
     scale_0 = best(runs, "scale-0", by="median_ms")["notes"]["median_ms"]
     scale_1m = best(runs, "scale-1m", by="median_ms")["notes"]["median_ms"]
     memory = best(runs, "memory", by="growth_mb")["notes"]["growth_mb"]
@@ -302,9 +302,15 @@ def targets(runs: dict[str, Any]) -> list[dict[str, Any]]:
         check("drain-4 >= 1.5 x drain-1", drain_4 / drain_1, ">=", 1.5),
         check("latency p50 <= 2 ms", p50, "<=", 2.0),
         check("latency p99 <= 5 ms", p99, "<=", 5.0),
-        check("publish(), 1 per tx, <= 1.5 x bare insert", publish_one, "<=", 1.5),
+        # publish() >= 0.8 x the rate of a bare ORM insert: <= 1.25 x its time.
+        check("publish(), 1 per tx, <= 1.25 x bare insert", publish_one, "<=", 1.25),
         check("publish(), 1,000 per tx, <= 1.5 x bare insert", publish_tx, "<=", 1.5),
-        check("publish_many() >= 20,000 events/s", publish_many, ">=", 20_000),
+        check(
+            "publish_many() >= 50 % of a raw multi-row INSERT",
+            publish_many,
+            ">=",
+            0.5,
+        ),
         check("claim with 1 M completed <= 1.2 x empty", scale_1m / scale_0, "<=", 1.2),
         check("RSS growth 10 k -> 100 k <= 10 MB", memory, "<=", 10.0),
         check("RSS growth at concurrency 16 <= 10 MB", memory_16, "<=", 10.0),
