@@ -94,8 +94,8 @@ def insert(rows: Sequence[Delivery], using: str) -> list[OutboxEvent]:
     with connections[using].cursor() as cursor:
         cursor.execute(sql, [Status.PENDING, *source])
         returned = cursor.fetchall()
-    # RETURNING gives the rows in the order the function scan produced them,
-    # the document's: bulk_create()'s UNNEST relies on the same.
+    # RETURNING gives the rows in the order they were inserted, the VALUES
+    # list's or the document's: bulk_create()'s UNNEST relies on the same.
     pairs = zip(rows, returned, strict=True)
     return [_saved(row, values, using) for row, values in pairs]
 
