@@ -120,12 +120,14 @@ def _insert_sql(using: str, *, keyed: bool, listed: int) -> str:
     # Whether the lane has an unfinished event, read from the partial index
     # outbox_lane_unfinished_idx (the key's lock is held). A scalar subquery:
     # PostgreSQL may answer an EXISTS by hashing every unfinished keyed event
-    # once, which is what it guesses a function's hundred rows call for.
+    # once, which is what it guesses a function's hundred rows call for. In
+    # the index's order: a plain LIMIT 1 on a key whose completed history
+    # fills the table was planned as a scan of the table.
     lane_busy = (
         f"(SELECT e.{column['id']} FROM {table} AS e"  # noqa: S608 - names
         f" WHERE e.{column['key']} = r.key AND e.{column['subscriber']} = r.subscriber"
         f" AND e.{column['status']} IN ({unfinished}) AND e.{column['key']} <> ''"
-        " LIMIT 1) IS NOT NULL"
+        f" ORDER BY e.{column['id']} LIMIT 1) IS NOT NULL"
     )
     given = [name for name in _COLUMNS if name not in ("available_at", "waiting")]
     inserted = [

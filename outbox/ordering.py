@@ -65,25 +65,29 @@ def lock_keys(keys: Collection[str], using: str) -> None:
 
 
 def join_queues(rows: Sequence["Delivery"], using: str) -> None:
-    """Lock the keys of new rows and set waiting on each, in list order.
+    """Lock the keys of new rows and set waiting on each (queue_up())."""
+    lock_keys({row.key for row in rows if row.key}, using)
+    queue_up(rows, using)
+
+
+def queue_up(rows: Sequence["Delivery"], using: str) -> None:
+    """Set waiting on new rows whose keys this transaction has locked.
 
     Call just before inserting the rows (outbox.deliveries): publishers of a
     key hold its lock, so what is checked under it is every earlier event of
     the key that will ever exist. The first new row of a lane is its head
     unless the lane has an unfinished event; every later one waits. On
-    PostgreSQL the INSERT itself checks the table, so this costs the lock
-    alone; SQLite, whose writers are serialised, asks here.
+    PostgreSQL the INSERT itself checks the table, so this costs no query;
+    SQLite, whose writers are serialised, asks here.
     """
     keyed = [row for row in rows if row.key]
-    keys = sorted({row.key for row in keyed})
-    if not keys:
+    if not keyed:
         return
-    lock_keys(keys, using)
     busy: set[Lane] = set()
     if connections[using].vendor != "postgresql":
         busy.update(
             OutboxEvent.objects.using(using)
-            .filter(key__in=keys, status__in=UNFINISHED)
+            .filter(key__in={row.key for row in keyed}, status__in=UNFINISHED)
             .values_list("key", "subscriber")
             .distinct()
         )

@@ -9,10 +9,11 @@ import uuid
 from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.db import IntegrityError, connections, router, transaction
+from django.utils import timezone
 
 from outbox import deliveries, ordering, tracing
 from outbox.conf import OutboxSettings, check_queue_name, get_settings
@@ -24,6 +25,10 @@ from outbox.storable import check_text, encode_json
 
 #: Rows per INSERT statement in publish_many().
 INSERT_CHUNK = 1000
+#: Payload per INSERT statement in publish_many(), in bytes of JSON: a
+#: statement's rows travel as one jsonb document, which PostgreSQL caps at
+#: 256 MiB, and the client holds the statement in memory twice.
+INSERT_BYTES = 16 * 2**20
 #: The largest max_attempts the column holds (an integer on PostgreSQL).
 MAX_ATTEMPTS_LIMIT = 2**31 - 1
 #: The text fields' column lengths, from the model: one home for the limit.
@@ -75,6 +80,11 @@ class NewEvent:
             name="publish(payload=...)",
             max_bytes=settings.max_payload_bytes,
         )
+        available_at = self.available_at
+        if isinstance(available_at, datetime) and timezone.is_aware(available_at):
+            # In UTC: PostgreSQL refuses offsets Python allows (beyond 15:59,
+            # or with a fraction of a second).
+            available_at = available_at.astimezone(UTC)
         event_uuid = uuid.uuid4()
         trace_context = tracing.current_context()
         return [
@@ -89,7 +99,7 @@ class NewEvent:
                 queue_name=self.queue or DEFAULT_QUEUE,
                 max_attempts=self.max_attempts
                 or _default_max_attempts(self.event_type, subscriber, settings),
-                available_at=self.available_at,
+                available_at=available_at,
                 trace_context=trace_context,
             )
             for subscriber in subscribers(self.event_type)
@@ -167,7 +177,8 @@ def publish_many(events: Iterable[NewEvent]) -> list[OutboxEvent]:
             elif idempotency_key not in stored and idempotency_key not in repeats:
                 repeats.add(idempotency_key)
                 fresh.append(rows)
-        ordering.join_queues([row for rows in fresh for row in rows], using)
+        # Every key at once, in one order, so two batches cannot deadlock.
+        ordering.lock_keys({rows[0].key for rows in fresh if rows[0].key}, using)
         written = _insert_many(fresh, using)
     if counted is not None:
         for rows in fresh:
@@ -225,15 +236,18 @@ def _insert(rows: list[Delivery], using: str) -> OutboxEvent:
 
 
 def _insert_many(events: list[list[Delivery]], using: str) -> list[OutboxEvent]:
-    """Insert the events' deliveries, about INSERT_CHUNK rows per statement.
+    """Insert the events' deliveries, a chunk (_chunks()) per statement.
 
-    Return each event's first delivery; an event that lost an idempotency
-    race, the winner's.
+    Call with the events' keys locked. Return each event's first delivery;
+    an event that lost an idempotency race, the winner's. Each chunk is
+    queued up on its own, after the chunks before it are in the table: a
+    chunk that lost a race inserts only some of its rows.
     """
     guarded = any(rows[0].idempotency_key for rows in events)
     written: list[OutboxEvent] = []
     for chunk in _chunks(events):
         flat = [row for rows in chunk for row in rows]
+        ordering.queue_up(flat, using)
         try:
             with transaction.atomic(using=using) if guarded else nullcontext():
                 saved = iter(deliveries.insert(flat, using))
@@ -242,9 +256,7 @@ def _insert_many(events: list[list[Delivery]], using: str) -> list[OutboxEvent]:
             # this chunk event by event, as publish() would, each resolving
             # its own conflict and seeing the ones before it.
             for rows in chunk:
-                for row in rows:
-                    row.waiting = False
-                ordering.join_queues(rows, using)
+                ordering.queue_up(rows, using)
                 written.append(_insert(rows, using))
             continue
         for rows in chunk:
@@ -255,15 +267,20 @@ def _insert_many(events: list[list[Delivery]], using: str) -> list[OutboxEvent]:
 
 
 def _chunks(events: list[list[Delivery]]) -> Iterable[list[list[Delivery]]]:
-    """Split the events into chunks of about INSERT_CHUNK rows, each whole."""
+    """Split the events into chunks, each whole, of at most INSERT_CHUNK rows
+    and INSERT_BYTES of payload (unless one event alone is more)."""
     chunk: list[list[Delivery]] = []
-    size = 0
+    size = weight = 0
     for rows in events:
-        if chunk and size + len(rows) > INSERT_CHUNK:
+        payload = len(rows[0].payload_json) * len(rows)
+        if chunk and (
+            size + len(rows) > INSERT_CHUNK or weight + payload > INSERT_BYTES
+        ):
             yield chunk
-            chunk, size = [], 0
+            chunk, size, weight = [], 0, 0
         chunk.append(rows)
         size += len(rows)
+        weight += payload
     if chunk:
         yield chunk
 

@@ -6,13 +6,15 @@ every field, for a few rows (a VALUES list) and for many (one JSON document),
 with text that JSON must escape and times to the microsecond.
 """
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from outbox import NewEvent, publish, publish_many
+from outbox import NewEvent, publish, publish_many, publishing
 from outbox.deliveries import LISTED_ROWS
 from outbox.models import OutboxEvent, Status
 
@@ -166,3 +168,39 @@ def test_publish__refuses_a_payload_of_none_and_the_transaction_goes_on() -> Non
         publish("rows.empty", {})
 
     assert OutboxEvent.objects.get().payload == {}
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [timedelta(hours=-16), timedelta(hours=15, minutes=59, seconds=59, microseconds=1)],
+    ids=["beyond-15:59", "fraction-of-a-second"],
+)
+@pytest.mark.parametrize("count", [1, LISTED_ROWS + 1])
+def test_publish__takes_any_offset_python_allows(offset, count) -> None:
+    """PostgreSQL refuses some of them: the event is written in UTC."""
+    when = datetime(2030, 1, 1, tzinfo=dt_timezone(offset))
+    with transaction.atomic():
+        events = publish_many(
+            NewEvent("rows.later", {}, available_at=when) for _ in range(count)
+        )
+        publish("rows.later", {}, available_at=when)
+
+    assert {event.available_at for event in OutboxEvent.objects.all()} == {when}
+    assert_as_stored(events)
+
+
+def test_publish_many__splits_a_batch_by_its_payloads_size(monkeypatch) -> None:
+    """A statement's rows are one jsonb document, which PostgreSQL caps."""
+    monkeypatch.setattr(publishing, "INSERT_BYTES", 10_000)
+    with CaptureQueriesContext(connection) as queries:
+        events = publish_many(
+            NewEvent("rows.big", {"n": n, "text": "x" * 3_000}) for n in range(10)
+        )
+
+    inserts = [
+        q["sql"] for q in queries.captured_queries if q["sql"].startswith("INSERT")
+    ]
+    # Three events of about 3 KB a statement; the last one alone.
+    assert [sql.count("rows.big") for sql in inserts] == [3, 3, 3, 1]
+    assert [event.payload["n"] for event in events] == list(range(10))
+    assert_as_stored(events)

@@ -3,7 +3,7 @@
 import pytest
 from django.db import IntegrityError, connection, transaction
 
-from outbox import NewEvent, publish, publish_many
+from outbox import NewEvent, publish, publish_many, publishing
 from outbox.errors import UnsupportedIsolationLevel
 from outbox.models import OutboxEvent
 from outbox.worker import Worker
@@ -154,6 +154,35 @@ def test_publish_many__losing_an_idempotency_race_returns_the_winner():
     assert [event.pk for event in results[:1]] == [winner.pk]
     assert results[1].pk is not None
     assert OutboxEvent.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_many__a_lost_race_at_a_lanes_head_leaves_the_lane_a_head():
+    """The batch's first event of key k loses its idempotency key to another
+    publisher, so it is never inserted: k's next event, in the next chunk,
+    must be k's head, not wait behind an event that does not exist."""
+    backend: list[int] = []
+    chunk = publishing.INSERT_CHUNK
+
+    @transaction.atomic
+    def lose() -> list[OutboxEvent]:
+        backend.append(backend_pid())
+        return publish_many(
+            [NewEvent("x", {"n": n}) for n in range(chunk - 1)]
+            + [NewEvent("x", {"n": chunk - 1}, key="k", idempotency_key="race")]
+            + [NewEvent("x", {"n": chunk}, key="k")]
+        )
+
+    with transaction.atomic():
+        winner = publish("x", {"n": "winner"}, idempotency_key="race")
+        loser = InThread(lose)
+        wait_until(lambda: bool(backend) and waiting_for_a_lock(backend[0]), timeout=5)
+    results = loser.join()
+
+    assert results[chunk - 1].pk == winner.pk
+    assert list(
+        OutboxEvent.objects.filter(key="k").values_list("payload__n", "waiting")
+    ) == [(chunk, False)]
 
 
 @pytest.mark.django_db(transaction=True)

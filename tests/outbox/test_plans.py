@@ -61,7 +61,20 @@ def analyzed_before_the_backlog_grew(cursor: Any) -> None:
     _insert(cursor, BACKLOG)
 
 
-STATES = [never_analyzed, analyzed_nearly_empty, analyzed_before_the_backlog_grew]
+def analyzed_with_a_dominant_key(cursor: Any) -> None:
+    # Most of the table is one key's history: a publisher of that key must
+    # still find its lane's unfinished events by the lane index.
+    _insert(cursor, 3 * BACKLOG, status="completed", key="k")
+    _insert(cursor, BACKLOG)
+    cursor.execute(f"ANALYZE {TABLE}")
+
+
+STATES = [
+    never_analyzed,
+    analyzed_nearly_empty,
+    analyzed_before_the_backlog_grew,
+    analyzed_with_a_dominant_key,
+]
 
 
 @pytest.fixture(scope="module")
