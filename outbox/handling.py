@@ -14,6 +14,10 @@ runs inside a transaction of its own, on the slot's connection:
   it registered are rolled back, and the failure is left to the worker,
   decided already: retried after a backoff, or failed for good.
 
+A handler that uses no database (a relay: Handler.uses_database is False)
+runs without a transaction, outside a caller's, and ends as one that never
+wrote, or raised.
+
 async def handlers run through asgiref's async_to_sync in the slot's
 thread: each call gets an event loop of its own, and the ORM calls it makes
 (sync_to_async, thread-sensitive) come back to that thread and its
@@ -116,12 +120,30 @@ def _run(event: OutboxEvent, using: str, backoff: Backoff) -> Run:
             event, HandlerNotFound(event.event_type, event.subscriber), backoff
         )
     try:
+        if _needs_no_transaction(registered, using):
+            registered.call(event)
+            return Run(event, Outcome.COMPLETED)
         return _run_in_transaction(registered, event, using)
     except _LeaseLost:
         return Run(event, Outcome.LOST, recorded=True)
     except (Exception, asyncio.CancelledError) as error:
         # CancelledError: an async handler's task was cancelled; a failure.
         return failed_run(event, error, backoff)
+
+
+def _needs_no_transaction(registered: Handler, using: str) -> bool:
+    """Whether the handler can run outside a transaction of its own: it uses
+    no database (a relay), and no caller's transaction is open (drain() in a
+    test's), where a handler's mark is written at once, in that transaction.
+
+    A transaction's bookkeeping per event, with nothing to commit, cost a
+    concurrency-16 relay about a tenth of its rate.
+    """
+    return (
+        not registered.uses_database
+        and registered.ended is None
+        and not connections[using].in_atomic_block
+    )
 
 
 def gives_up(event: OutboxEvent, error: BaseException) -> bool:

@@ -51,6 +51,10 @@ class Handler:
     ended: Callable[["OutboxEvent"], None] | None = field(
         default=None, repr=False, compare=False
     )
+    #: Whether the handler may use the database: its writes then commit with
+    #: its completed mark (outbox.handling). A relay never does, and runs
+    #: without a transaction of its own.
+    uses_database: bool = field(default=True, compare=False)
     #: What the worker calls: the function itself, or for an async def
     #: function, a blocking wrapper that runs it on an event loop.
     call: HandlerFunction = field(init=False, repr=False, compare=False)
@@ -146,7 +150,9 @@ def _relay_handler(event_type: str, alias: str) -> Handler | None:
     if alias not in relays.relaying(event_type):
         return None
     relay = relays.relay(alias)
-    return None if relay is None else Handler(event_type, relay.deliver, None, alias)
+    if relay is None:
+        return None
+    return Handler(event_type, relay.deliver, None, alias, uses_database=False)
 
 
 def event_types_subscribed_by(name: str) -> list[str]:

@@ -188,7 +188,7 @@ def test_kill_9__with_n_in_flight_loses_nothing_and_repeats_no_database_effect(
 
 def test_sigterm__finishes_every_handler_in_flight_then_exits_0(workers, tmp_path):
     log = tmp_path / "log"
-    events = [span(log, seconds=1) for _ in range(20)]
+    events = [span(log, seconds=1) for _ in range(30)]
     worker = start(workers)
     wait_until(lambda: in_flight_now(log) == 8, timeout=10)
 
@@ -202,9 +202,10 @@ def test_sigterm__finishes_every_handler_in_flight_then_exits_0(workers, tmp_pat
         )
     ) == {(Status.PENDING, 0, "")}
     assert HandlerRun.objects.count() == 8
-    # Eight more were queued for the slots, claimed but never started.
-    assert "claimed=16 completed=8 retried=0 failed=0 released=8" in worker.output
-    assert len(events) == 20
+    # Sixteen more were queued for the slots (two per slot), claimed but never
+    # started; six were never claimed.
+    assert "claimed=24 completed=8 retried=0 failed=0 released=16" in worker.output
+    assert len(events) == 30
 
 
 def test_second_signal__exits_at_once_with_n_in_flight(workers, tmp_path):

@@ -6,6 +6,7 @@ Every test publishes to a stream or an exchange of its own
 
 import json
 import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from django.test import override_settings
 from examples.relay_consumers import read_queue, read_stream
 from outbox import NewEvent, publish, publish_many
 from outbox.models import OutboxEvent, Status
+from outbox.relays import configured
 from outbox.testing import drain
 from tests.outbox.brokers import (
     AMQP_URL,
@@ -109,6 +111,40 @@ def test_nats__publishes_the_payload_with_the_outbox_headers_once_acked(stream) 
     assert headers["Outbox-Created-At"] == event.created_at.isoformat()
     delivery = OutboxEvent.objects.get(uuid=event.uuid, subscriber="bus")
     assert delivery.status == Status.COMPLETED
+
+
+def test_nats__slots_share_one_event_loop_each_on_its_own_connection(stream) -> None:
+    def threads() -> list[str]:
+        return [thread.name for thread in threading.enumerate()]
+
+    with relays(bus=nats_relay(stream)):
+        relay = configured()["bus"][0]
+        events = [publish("user.invited", {"slot": n}) for n in range(2)]
+        delivered, closing = threading.Barrier(3), threading.Barrier(3)
+        connections = []
+
+        def slot(event: OutboxEvent) -> None:
+            relay.deliver(event)
+            connections.append(relay._local.connection)
+            delivered.wait(10)
+            closing.wait(10)
+            relay.close_thread()  # as a slot that ends does
+
+        slots = [threading.Thread(target=slot, args=(event,)) for event in events]
+        for thread in slots:
+            thread.start()
+        delivered.wait(10)
+        first, second = connections
+        assert first.client is not second.client  # one connection per slot
+        assert first.loop is second.loop  # on one event loop
+        assert threads().count("outbox-relay-bus") == 1
+        closing.wait(10)
+        for thread in slots:
+            thread.join(10)
+
+    assert first.client.is_closed and second.client.is_closed
+    assert "outbox-relay-bus" not in threads()  # ended with the last connection
+    assert len(stream.messages()) == 2
 
 
 def test_rabbitmq__publishes_persistent_mandatory_messages_with_properties(
