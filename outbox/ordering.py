@@ -12,7 +12,9 @@ hold this (docs/architecture.md, "Order per key"):
 - Only the earliest unfinished event of a lane is claimable (waiting=False);
   whoever finishes or removes a lane's head promotes the next one.
 
-Everything that touches `waiting` goes through this module.
+Everything that touches `waiting` goes through this module, but for the
+check publish()'s INSERT makes itself (outbox.deliveries), which
+queue_up() relies on.
 """
 
 from collections.abc import Collection, Mapping, Sequence
