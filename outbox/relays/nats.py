@@ -15,6 +15,7 @@ nats-py (the "nats" extra).
 """
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
@@ -34,6 +35,7 @@ from outbox.relays.base import (
 
 try:
     import nats
+    import nats.aio.client
     import nats.errors
     import nats.js.errors
 except ImportError:  # pragma: no cover - the extra is installed in dev
@@ -46,6 +48,8 @@ SUBJECT = re.compile(r"[^\s.*>]+(\.[^\s.*>]+)*")
 #: Seconds a slot waits beyond the client's own timeout (connect, PubAck)
 #: before it gives up on the event loop itself.
 MARGIN = 5.0
+#: Seconds to close a connection, or to wait for the loop's thread to end.
+CLOSE_TIMEOUT = 5.0
 
 T = TypeVar("T")
 
@@ -83,23 +87,39 @@ class _EventLoop:
         return self
 
     def release(self) -> None:
-        """Count one connection less; stop the thread after the last one."""
+        """Count one connection less; stop the thread after the last one.
+
+        The thread is waited for outside the lock, and not for ever: a slot
+        that opens a connection meanwhile starts a loop of its own.
+        """
         with self._lock:
             self._users -= 1
             if self._users or self._loop is None or self._thread is None:
                 return
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
+            loop, thread = self._loop, self._thread
             self._loop = self._thread = None
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(CLOSE_TIMEOUT)
 
-    def run(self, coroutine: Coroutine[Any, Any, T], *, timeout: float) -> T:
-        """Run the coroutine on the loop; wait for its result in this thread."""
+    def run(
+        self,
+        coroutine: Coroutine[Any, Any, T],
+        *,
+        timeout: float,
+        cancel_late: bool = True,
+    ) -> T:
+        """Run the coroutine on the loop; wait for its result in this thread.
+
+        Past the timeout (and MARGIN), raise TimeoutError, and cancel the
+        coroutine unless told not to.
+        """
         assert self._loop is not None  # noqa: S101 - between acquire() and release()
         future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
         try:
             return future.result(timeout + MARGIN)
         except TimeoutError:
-            future.cancel()
+            if cancel_late:
+                future.cancel()
             raise
 
 
@@ -183,7 +203,7 @@ class NatsRelay(Relay):
         loop = self._loop.acquire()
         try:
             client = loop.run(
-                nats.connect(
+                _connect(
                     servers=servers,
                     name=f"outbox-relay-{self.alias}",
                     connect_timeout=connect_timeout,
@@ -255,9 +275,31 @@ class NatsRelay(Relay):
     def close(self, connection: Any) -> None:
         try:
             if not connection.client.is_closed:
-                connection.loop.run(connection.client.close(), timeout=0)
+                # A close that a stalled loop delays still runs once it can:
+                # cancelled, it would leave the socket open.
+                connection.loop.run(
+                    connection.client.close(), timeout=0, cancel_late=False
+                )
         finally:
             connection.loop.release()
+
+
+async def _connect(**options: Any) -> Any:
+    """nats.connect(), closing what a failed attempt leaves open.
+
+    Without reconnects, nats-py raises from a failed connect with its
+    socket still open; on the relay's loop, which outlives any one slot's
+    connection, those sockets would pile up while a broker is unreachable.
+    """
+    assert nats is not None  # noqa: S101 - the checks refuse the relay without it
+    client = nats.aio.client.Client()
+    try:
+        await client.connect(**options)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+        raise
+    return client
 
 
 async def _ignore(error: Exception) -> None:

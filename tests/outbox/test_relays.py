@@ -4,8 +4,11 @@ Every test publishes to a stream or an exchange of its own
 (tests/outbox/brokers.py); none mocks a broker.
 """
 
+import gc
 import json
+import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -145,6 +148,33 @@ def test_nats__slots_share_one_event_loop_each_on_its_own_connection(stream) -> 
     assert first.client.is_closed and second.client.is_closed
     assert "outbox-relay-bus" not in threads()  # ended with the last connection
     assert len(stream.messages()) == 2
+
+
+def test_nats__a_failed_connect_leaves_no_socket_open(stream) -> None:
+    """A broker that takes the connection and says nothing (stalled) fails
+    each open(); with the relay's loop kept alive by another slot's
+    connection, nothing of those attempts may stay open."""
+
+    def open_files() -> int:
+        gc.collect()
+        return len(os.listdir("/proc/self/fd"))
+
+    with socket.create_server(("127.0.0.1", 0), backlog=64) as stalled:
+        port = stalled.getsockname()[1]
+        stalled_url = f"nats://127.0.0.1:{port}"
+        with relays(bus=nats_relay(stream, connect_timeout=0.2)):
+            relay = configured()["bus"][0]
+            alive = relay.open()  # another slot's: keeps the loop running
+            try:
+                before = open_files()
+                failing = type(relay)("bus", {**relay.options, "servers": stalled_url})
+                failing._loop = relay._loop  # the relay's one loop, as in a worker
+                for _ in range(10):
+                    with pytest.raises(relay.connection_errors):
+                        failing.open()
+                assert open_files() == before
+            finally:
+                relay.close(alive)
 
 
 def test_rabbitmq__publishes_persistent_mandatory_messages_with_properties(
