@@ -21,7 +21,7 @@ from django.test import override_settings
 from examples.relay_consumers import read_queue, read_stream
 from outbox import NewEvent, publish, publish_many
 from outbox.models import OutboxEvent, Status
-from outbox.relays import configured
+from outbox.relays import NatsRelay, configured
 from outbox.testing import drain
 from tests.outbox.brokers import (
     AMQP_URL,
@@ -164,10 +164,11 @@ def test_nats__a_failed_connect_leaves_no_socket_open(stream) -> None:
         stalled_url = f"nats://127.0.0.1:{port}"
         with relays(bus=nats_relay(stream, connect_timeout=0.2)):
             relay = configured()["bus"][0]
+            assert isinstance(relay, NatsRelay)
             alive = relay.open()  # another slot's: keeps the loop running
             try:
                 before = open_files()
-                failing = type(relay)("bus", {**relay.options, "servers": stalled_url})
+                failing = NatsRelay("bus", {**relay.options, "servers": stalled_url})
                 failing._loop = relay._loop  # the relay's one loop, as in a worker
                 for _ in range(10):
                     with pytest.raises(relay.connection_errors):
