@@ -110,15 +110,26 @@ class _EventLoop:
     ) -> T:
         """Run the coroutine on the loop; wait for its result in this thread.
 
-        Past the timeout (and MARGIN), raise TimeoutError, and cancel the
-        coroutine unless told not to.
+        Past the timeout (and MARGIN), raise TimeoutError and, unless told
+        not to, give the coroutine up: cancelled if it runs, never started
+        if the loop has not reached it yet. (Cancelling alone would not stop
+        a publish the loop starts late: its first step sends the message.)
         """
         assert self._loop is not None  # noqa: S101 - between acquire() and release()
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        given_up = threading.Event()
+
+        async def unless_given_up() -> T:
+            if given_up.is_set():
+                coroutine.close()
+                raise asyncio.CancelledError
+            return await coroutine
+
+        future = asyncio.run_coroutine_threadsafe(unless_given_up(), self._loop)
         try:
             return future.result(timeout + MARGIN)
         except TimeoutError:
             if cancel_late:
+                given_up.set()
                 future.cancel()
             raise
 

@@ -4,12 +4,14 @@ Every test publishes to a stream or an exchange of its own
 (tests/outbox/brokers.py); none mocks a broker.
 """
 
+import asyncio
 import gc
 import json
 import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +24,8 @@ from examples.relay_consumers import read_queue, read_stream
 from outbox import NewEvent, publish, publish_many
 from outbox.models import OutboxEvent, Status
 from outbox.relays import NatsRelay, configured
+from outbox.relays import nats as nats_relays
+from outbox.relays.base import Message
 from outbox.testing import drain
 from tests.outbox.brokers import (
     AMQP_URL,
@@ -176,6 +180,32 @@ def test_nats__a_failed_connect_leaves_no_socket_open(stream) -> None:
                 assert open_files() == before
             finally:
                 relay.close(alive)
+
+
+def test_nats__a_publish_given_up_on_is_never_sent_later(stream, monkeypatch) -> None:
+    """A slot that stops waiting for its PubAck (the loop stalled past the
+    ack timeout) retries the delivery: the publish it gave up on must not
+    go out once the loop runs again, or the stream would hold the event
+    without the outbox knowing."""
+    monkeypatch.setattr(nats_relays, "MARGIN", 0.1)
+    with relays(bus=nats_relay(stream, ack_timeout=0.2)):
+        relay = configured()["bus"][0]
+        assert isinstance(relay, NatsRelay)
+        connection = relay.open()
+        try:
+            loop = connection.loop
+            loop.run(asyncio.sleep(0), timeout=1)  # the loop is running
+            assert loop._loop is not None
+            loop._loop.call_soon_threadsafe(time.sleep, 1.0)  # stalled
+            message = Message.of(publish("user.invited", {"n": 1}))
+            with pytest.raises(relay.connection_errors):
+                relay.send(connection, message)
+            # Once the loop is free again, whatever it sent has reached the server.
+            loop.run(connection.client.flush(), timeout=5)
+        finally:
+            relay.close(connection)
+
+    assert stream.messages() == []
 
 
 def test_rabbitmq__publishes_persistent_mandatory_messages_with_properties(
