@@ -33,6 +33,7 @@ from typing import Any
 from django.db import connections
 from django.db.models.base import ModelState
 
+from outbox import statements
 from outbox.models import UNFINISHED, OutboxEvent, Status
 
 
@@ -114,13 +115,8 @@ def _statement(using: str, *, keyed: bool, listed: int) -> tuple[str, list[str]]
     one-row INSERT. A VALUES list is written as one, not selected from (which
     cost a sixth more to plan and run).
     """
-    quote = connections[using].ops.quote_name
-    column = {
-        field.name: quote(field.column)
-        for field in OutboxEvent._meta.concrete_fields
-        if field.column is not None
-    }
-    table = quote(OutboxEvent._meta.db_table)
+    column = statements.sql_names(using)
+    table = column["table"]
     names: list[str] = []
 
     def value(name: str) -> str:
@@ -261,8 +257,9 @@ _DEFAULTS = {
 _FRESH_DEFAULTS = [
     (field.attname, field.default)
     for field in OutboxEvent._meta.concrete_fields
-    if field.has_default() and callable(field.default)
-    if field.attname not in _ROW_FIELDS
+    if field.has_default()
+    and callable(field.default)
+    and field.attname not in _ROW_FIELDS
 ]
 
 

@@ -94,12 +94,12 @@ def queue_up(rows: Sequence["Delivery"], using: str) -> None:
             .distinct()
         )
     for row in keyed:
-        lane = (row.key, row.subscriber)
+        lane = lane_of(row)
         row.waiting = lane in busy
         busy.add(lane)
 
 
-def lane_of(event: OutboxEvent) -> Lane:
+def lane_of(event: "OutboxEvent | Delivery") -> Lane:
     return (event.key, event.subscriber)
 
 

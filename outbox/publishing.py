@@ -250,7 +250,7 @@ def _insert_many(events: list[list[Delivery]], using: str) -> list[OutboxEvent]:
         ordering.queue_up(flat, using)
         try:
             with transaction.atomic(using=using) if guarded else nullcontext():
-                saved = iter(deliveries.insert(flat, using))
+                saved = deliveries.insert(flat, using)
         except IntegrityError:
             # A concurrent publisher took one of the idempotency keys: publish
             # this chunk event by event, as publish() would, each resolving
@@ -259,10 +259,11 @@ def _insert_many(events: list[list[Delivery]], using: str) -> list[OutboxEvent]:
                 ordering.queue_up(rows, using)
                 written.append(_insert(rows, using))
             continue
+        # Each event's first delivery: the rows are in the chunk's order.
+        first = 0
         for rows in chunk:
-            written.append(next(saved))
-            for _ in rows[1:]:
-                next(saved)
+            written.append(saved[first])
+            first += len(rows)
     return written
 
 

@@ -50,7 +50,7 @@ _LATER = {
 
 
 @functools.cache
-def _names(using: str) -> dict[str, str]:
+def sql_names(using: str) -> dict[str, str]:
     """Map "table" and each concrete field's name to its quoted SQL name."""
     quote = connections[using].ops.quote_name
     names = {
@@ -171,7 +171,7 @@ def in_index_order(using: str) -> Iterator[None]:
 
 @functools.cache
 def _claim_sql(using: str, limit: int, queues: tuple[str, ...]) -> str:
-    n = _names(using)
+    n = sql_names(using)
     # Every column but the history, read only on failure (and then loaded).
     returned = ", ".join(
         name for field, name in n.items() if field not in ("table", "history")
@@ -277,7 +277,7 @@ def _fenced_sql(using: str, count: int, change: str) -> str:
     The fence: a worker whose lease expired, and whose event was rescued and
     claimed again (even by a worker with the same id), matches nothing.
     """
-    n = _names(using)
+    n = sql_names(using)
     assignments = {
         "complete": f"{n['status']} = %s, {n['completed_at']} = "
         f"{_NOW[_vendor(using)]}, {n['locked_until']} = NULL",
@@ -301,7 +301,7 @@ def _held_rows(using: str, count: int) -> str:
     pairs alone may be planned as a scan of the whole table); then the exact
     pairs, the fence. PostgreSQL takes each list as one array parameter.
     """
-    n = _names(using)
+    n = sql_names(using)
     if _vendor(using) == "postgresql":
         pair = f"({n['id']}, {n['lease_token']})"
         unnest = "(SELECT * FROM unnest(%s::bigint[], %s::bigint[]))"
